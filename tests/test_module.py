@@ -1,0 +1,112 @@
+"""A real Lightning Trainer on a tiny random Llama and the real SmolLM2 tokenizer."""
+
+import lightning as L
+import pytest
+import torch
+
+from simpo_lightning.callbacks import reward_accuracy
+from simpo_lightning.data import PreferenceCollator, PreferenceDataModule
+from simpo_lightning.model import LoraConfig, PolicyConfig
+from simpo_lightning.module import METRICS, LossConfig, SimPOModule
+
+
+def make(tiny_dir, lora=LoraConfig(r=4, alpha=8), **kwargs):
+    module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=lora,
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), warmup_ratio=0.0, **kwargs)
+    data = PreferenceDataModule(batch_size=4, tokenizer=module.tokenizer, cache_dir=None)
+    return module, data
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before, module) -> set[str]:
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_lora_training_changes_only_adapters(tiny_dir):
+    module, data = make(tiny_dir)
+    module.configure_model()
+    before = snapshot(module)
+    t = trainer()
+    t.fit(module, data)
+    lora = {n for n, p in module.named_parameters() if "lora_" in n}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert lora and trainable == lora
+    assert changed(before, module) == lora
+    for name in [f"train/{k}" for k in METRICS] + ["train/tokens_per_sec"]:
+        assert torch.isfinite(t.callback_metrics[name]), name
+
+
+def test_full_training_changes_every_weight(tiny_dir):
+    module, data = make(tiny_dir, lora=None)
+    module.configure_model()
+    before = snapshot(module)
+    trainer().fit(module, data)
+    assert changed(before, module) == set(before)
+
+
+def test_validation_metrics_average_the_whole_set(tiny_dir):
+    """7 pairs in batches of 3 (3 + 3 + 1): the epoch value must be the mean over pairs, not over batches."""
+    module, data = make(tiny_dir)
+    data.hparams.batch_size = 3
+    data.setup()
+    data.splits["val"] = data.splits["val"][:7]
+    result = trainer(limit_val_batches=1.0).validate(module, data)[0]
+    module.eval()
+    collate = PreferenceCollator(module.tokenizer.pad_token_id)
+    with torch.no_grad():
+        singles = [module.step(collate([pair]))[1] for pair in data.splits["val"]]
+    for key in ("rewards/chosen", "rewards/margins", "logps/rejected", "lengths/chosen", "loss"):
+        expected = torch.cat([m[key] for m in singles]).mean().item()
+        assert result[f"val/{key}"] == pytest.approx(expected, rel=1e-4, abs=1e-5), key
+    loader = torch.utils.data.DataLoader(data.splits["val"], batch_size=3, collate_fn=collate)
+    assert result["val/rewards/accuracies"] == pytest.approx(reward_accuracy(module, loader, module.device))
+
+
+def test_nonfinite_loss_skips_then_stops(tiny_dir):
+    module, data = make(tiny_dir, loss=LossConfig(beta=float("nan")), max_nonfinite_steps=3)
+    module.configure_model()
+    before = snapshot(module)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        trainer(max_steps=10).fit(module, data)
+    assert module.nonfinite_steps == 3 and not changed(before, module)
+
+
+def test_sft_term_and_checkpointing(tiny_dir):
+    """The NLL term adds sft_weight × token-mean NLL of chosen; gradient checkpointing keeps the numbers."""
+    data = make(tiny_dir)[1]
+    data.setup()
+    batch = PreferenceCollator(data.tokenizer.pad_token_id)(data.splits["train"][:4])
+    losses = {}
+    for name, kwargs in {"plain": {}, "sft": {"loss": LossConfig(sft_weight=0.5)},
+                         "ckpt": {"policy": PolicyConfig(name_or_path=tiny_dir, gradient_checkpointing=True)}}.items():
+        torch.manual_seed(0)
+        module = SimPOModule(**{"policy": PolicyConfig(name_or_path=tiny_dir), "lora": None, **kwargs})
+        module.configure_model()
+        loss, _ = module.step(batch)
+        out = module.forward_logps(batch)
+        losses[name] = loss.item()
+    nll = -(out["chosen_sum_logps"].sum() / out["chosen_lengths"].sum()).item()
+    assert losses["sft"] == pytest.approx(losses["plain"] + 0.5 * nll, rel=1e-5)
+    assert losses["ckpt"] == pytest.approx(losses["plain"], rel=1e-6)
+
+
+def test_lora_checkpoint_holds_only_adapters_and_resumes(tiny_dir, tmp_path):
+    module, data = make(tiny_dir)
+    t = trainer(enable_checkpointing=True, default_root_dir=tmp_path, max_steps=2)
+    t.fit(module, data)
+    path = next(tmp_path.rglob("*.ckpt"))
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert state and all("lora_" in k for k in state)
+    resumed, data2 = make(tiny_dir)
+    t2 = trainer(max_steps=3)
+    t2.fit(resumed, data2, ckpt_path=path)
+    assert t2.global_step == 3
