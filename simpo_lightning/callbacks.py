@@ -51,6 +51,7 @@ class HeldOutReport(L.Callback):
     def __init__(self, max_new_tokens: int = 16, batch_size: int = 16, examples_shown: int = 5):
         self.max_new_tokens, self.batch_size, self.examples_shown = max_new_tokens, batch_size, examples_shown
         self.results: dict[str, dict[str, float]] = {}
+        self.samples: list[tuple[str, str, str]] = []  # (end of prompt, answer, reference) after the last measure
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> None:
         was_training = module.training
@@ -79,7 +80,7 @@ class HeldOutReport(L.Callback):
         before, after = self.results["before"], self.results["after"]
         lines = ["", f"{'held-out metric':<22}{'before':>10}{'after':>10}"]
         lines += [f"{k:<22}{before[k]:>10.3f}{after[k]:>10.3f}" for k in after]
-        for prompt, answer, reference in getattr(self, "samples", [])[: self.examples_shown]:
+        for prompt, answer, reference in self.samples[: self.examples_shown]:
             lines.append(f"  …{prompt!r} -> {answer.strip()!r} (reference {reference!r})")
         if trainer.is_global_zero:
             print("\n".join(lines), flush=True)

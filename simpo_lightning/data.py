@@ -221,8 +221,6 @@ class PairEncoder:
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         prompt = _check_messages(prompt, f"column {self.columns.prompt!r}")
         self._check_responses(" ".join(m["content"] for m in chosen), " ".join(m["content"] for m in rejected))
-        if chosen == rejected:
-            raise Skip("identical responses")
 
         def ids(messages: list[dict[str, str]], **kwargs) -> list[int]:
             text = tok.apply_chat_template(messages, tokenize=False, **kwargs)

@@ -93,7 +93,7 @@ class SimPOModule(L.LightningModule):
         n = batch["chosen_input_ids"].shape[0]
         cat = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "attention_mask", "labels")}
         # Only positions that predict a response token need logits: skipping the output head over
-        # the rest of the prompt saves most of its cost (the head is a fifth of SmolLM2's forward).
+        # the rest of the prompt saves most of its cost (by FLOPs the head is about a fifth of SmolLM2's forward).
         labels = cat["labels"]
         first = int((labels != IGNORE_INDEX).int().argmax(-1).min())
         keep = min(labels.shape[1], labels.shape[1] - first + 1)
