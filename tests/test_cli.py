@@ -53,7 +53,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_fit_then_validate_end_to_end(tmp_path):
+def test_fit_validate_test_end_to_end(tmp_path):
     config = str(ROOT / "configs/tiny.yaml")
     fit = run(["fit", "--config", config, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"], tmp_path)
     assert "held-out before training" in fit.stdout and "held-out after training" in fit.stdout
@@ -77,5 +77,6 @@ def test_fit_then_validate_end_to_end(tmp_path):
     assert wandb_config["model"]["loss"]["beta"] == 2.0 and wandb_config["trainer"]["max_steps"] == 4  # the resolved config
 
     checkpoint = str(run_dir / "checkpoints/last.ckpt")
-    validate = run(["validate", "--config", config, "--ckpt_path", checkpoint], tmp_path)
-    assert "val/rewards/accuracies" in validate.stdout
+    for subcommand, prefix in (("validate", "val"), ("test", "test")):
+        result = run([subcommand, "--config", config, "--ckpt_path", checkpoint], tmp_path)
+        assert f"{prefix}/rewards/accuracies" in result.stdout
