@@ -12,7 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from simpo_lightning.logprobs import IGNORE_INDEX, token_logps
+from simpo_lightning.logprobs import IGNORE_INDEX, sequence_logps
 from simpo_lightning.losses import LOSSES
 from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy, load_tokenizer
 
@@ -92,17 +92,15 @@ class SimPOModule(L.LightningModule):
         """
         n = batch["chosen_input_ids"].shape[0]
         cat = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "attention_mask", "labels")}
-        # Only positions that predict a response token need logits: skipping the output head over
-        # the rest of the prompt saves most of its cost (by FLOPs the head is about a fifth of SmolLM2's forward).
+        # Only positions that predict a response token need logits: skipping the output head over the
+        # rest of the prompt saves most of its cost (by FLOPs the head is a fifth of SmolLM2's forward).
         labels = cat["labels"]
         first = int((labels != IGNORE_INDEX).int().argmax(-1).min())
         keep = min(labels.shape[1], labels.shape[1] - first + 1)
         logits = self.model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"], logits_to_keep=keep).logits
         labels = labels[:, -keep:]
-        per_token = token_logps(logits, labels)
+        sums, lengths = sequence_logps(logits, labels, average=False)
         mask = labels[:, 1:] != IGNORE_INDEX
-        lengths = mask.sum(-1)
-        sums = per_token.sum(-1)
         mean_logit = (logits[:, :-1].detach().float().mean(-1) * mask).sum(-1) / lengths
         out = {"logps": sums / lengths, "sum_logps": sums, "lengths": lengths, "logits": mean_logit}
         return {f"{side}_{k}": v[sl] for k, v in out.items() for side, sl in (("chosen", slice(0, n)), ("rejected", slice(n, None)))}
