@@ -7,11 +7,13 @@ from simpo_lightning.demo import exact_match
 
 
 @torch.no_grad()
-def reward_accuracy(module: L.LightningModule, loader, device: torch.device) -> float:
-    """Share of validation pairs whose chosen reward beats the rejected one."""
+def reward_accuracy(module: L.LightningModule, loader, device: torch.device) -> float | None:
+    """Share of validation pairs whose chosen reward beats the rejected one (None for unpaired data)."""
     hits, total = 0.0, 0
     for batch in loader:
         _, metrics = module.step({k: v.to(device) for k, v in batch.items()})
+        if "rewards/accuracies" not in metrics:
+            return None
         hits += metrics["rewards/accuracies"].sum().item()
         total += metrics["rewards/accuracies"].numel()
     return hits / total
@@ -58,7 +60,8 @@ class HeldOutReport(L.Callback):
         module.eval()
         data = trainer.datamodule
         with trainer.precision_plugin.forward_context():
-            result = {"rewards/accuracies": reward_accuracy(module, data.val_dataloader(), module.device)}
+            accuracy = reward_accuracy(module, data.val_dataloader(), module.device)
+            result = {} if accuracy is None else {"rewards/accuracies": accuracy}
             examples = data.generation_examples("val")
             if examples:
                 prompts = [p for p, _ in examples]

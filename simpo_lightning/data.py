@@ -12,6 +12,11 @@ Three row formats are accepted (``format="auto"`` picks per row):
   dialogues (Anthropic HH-RLHF). The prompt is the shared prefix up to the last
   ``\\n\\nAssistant:``; rows that do not split that way are skipped and reported.
 
+Unpaired rows (for KTO) have ``prompt``, ``completion`` and a boolean ``label`` (desirable or
+not) instead of ``chosen`` / ``rejected``, as text or as messages. A source is either all pairs
+or all unpaired rows; KTO also trains on pairs, each giving one desirable and one undesirable
+completion.
+
 Structural problems (bad JSON, missing columns, wrong types, a template that breaks the prefix
 property) raise ``DataError`` naming the source and row. Pairs that are well formed but unusable
 (empty or identical responses, no room for the response) are skipped, counted and logged once.
@@ -124,6 +129,10 @@ class Columns:
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    completion: str = "completion"
+    """Unpaired rows (KTO): the completion, with ``label``."""
+    label: str = "label"
+    """Unpaired rows: true for a desirable completion, false for an undesirable one."""
     reference: str = "reference"
     """Optional gold answer, used by the held-out generation metric."""
 
@@ -167,15 +176,18 @@ def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 class PairEncoder:
-    """Turns one row into token ids ``{"prompt": […], "chosen": […], "rejected": […]}``."""
+    """Turns one row into token ids ``{"prompt": […], "chosen": […], "rejected": […]}``, or for an
+    unpaired row ``{"prompt": […], "completion": […], "desirable": bool}``."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, columns: Columns, truncation: Truncation, format: Format):
         self.tokenizer, self.columns, self.truncation, self.format = tokenizer, columns, truncation, format
 
-    def __call__(self, row: Row) -> dict[str, list[int]]:
+    def __call__(self, row: Row) -> dict[str, Any]:
         if not isinstance(row, dict):
             raise DataError(f"expected an object with columns, got {type(row).__name__}")
         cols = self.columns
+        if cols.completion in row and cols.chosen not in row:
+            return self._encode_unpaired(row)
         for name in (cols.chosen, cols.rejected):
             if name not in row:
                 raise DataError(f"missing column {name!r} (has {sorted(row)}); set data.columns")
@@ -187,7 +199,8 @@ class PairEncoder:
             if not isinstance(chosen, str) or not isinstance(rejected, str):
                 raise DataError("hh format needs string 'chosen' and 'rejected' dialogues")
             prompt, chosen, rejected = _split_hh(chosen, rejected)
-            return self._encode_text(prompt, chosen, rejected)
+            self._check_responses(chosen, rejected)
+            return self._pair(*self._encode_text(prompt, [chosen, rejected]))
         if fmt == "standard":
             if cols.prompt not in row:
                 raise DataError(f"missing column {cols.prompt!r} (has {sorted(row)}); set data.columns")
@@ -195,25 +208,11 @@ class PairEncoder:
             for name, value in ((cols.prompt, prompt), (cols.chosen, chosen), (cols.rejected, rejected)):
                 if not isinstance(value, str):
                     raise DataError(f"column {name!r} must be a string in the standard format, got {type(value).__name__}")
-            return self._encode_text(prompt, chosen, rejected)
-        return self._encode_messages(row.get(cols.prompt), chosen, rejected)
-
-    def _encode_text(self, prompt: str, chosen: str, rejected: str) -> dict[str, list[int]]:
-        self._check_responses(chosen, rejected)
-        tok = self.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        return self._truncate(
-            tok(prompt)["input_ids"],
-            tok(chosen, add_special_tokens=False)["input_ids"] + eos,
-            tok(rejected, add_special_tokens=False)["input_ids"] + eos,
-        )
-
-    def _encode_messages(self, prompt: Any, chosen: Any, rejected: Any) -> dict[str, list[int]]:
-        tok = self.tokenizer
-        if not tok.chat_template:
-            raise DataError("conversational row, but the tokenizer has no chat template; set tokenizer.chat_template")
+            self._check_responses(chosen, rejected)
+            return self._pair(*self._encode_text(prompt, [chosen, rejected]))
         chosen = _check_messages(chosen, f"column {self.columns.chosen!r}")
         rejected = _check_messages(rejected, f"column {self.columns.rejected!r}")
+        prompt = row.get(cols.prompt)
         if prompt is None:  # implicit prompt: the messages both conversations share
             n = 0
             while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -221,22 +220,53 @@ class PairEncoder:
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         prompt = _check_messages(prompt, f"column {self.columns.prompt!r}")
         self._check_responses(" ".join(m["content"] for m in chosen), " ".join(m["content"] for m in rejected))
+        return self._pair(*self._encode_messages(prompt, [chosen, rejected]))
+
+    def _encode_unpaired(self, row: Row) -> dict[str, Any]:
+        cols = self.columns
+        for name in (cols.prompt, cols.label):
+            if name not in row:
+                raise DataError(f"unpaired row without column {name!r} (has {sorted(row)}); set data.columns")
+        prompt, completion, label = row[cols.prompt], row[cols.completion], row[cols.label]
+        if not isinstance(label, bool):
+            raise DataError(f"column {cols.label!r} must be true or false, got {label!r}")
+        if isinstance(completion, str) and isinstance(prompt, str):
+            if not completion.strip():
+                raise Skip("empty response")
+            prompt_ids, (ids,) = self._encode_text(prompt, [completion])
+        else:
+            messages = _check_messages(completion, f"column {cols.completion!r}")
+            if not " ".join(m["content"] for m in messages).strip():
+                raise Skip("empty response")
+            prompt_ids, (ids,) = self._encode_messages(_check_messages(prompt, f"column {cols.prompt!r}"), [messages])
+        return {"prompt": prompt_ids, "completion": ids, "desirable": label}
+
+    def _encode_text(self, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]]]:
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        responses = [tok(r, add_special_tokens=False)["input_ids"] + eos for r in responses]
+        return self._truncate(tok(prompt)["input_ids"], responses)
+
+    def _encode_messages(self, prompt: list, responses: list[list]) -> tuple[list[int], list[list[int]]]:
+        tok = self.tokenizer
+        if not tok.chat_template:
+            raise DataError("conversational row, but the tokenizer has no chat template; set tokenizer.chat_template")
 
         def ids(messages: list[dict[str, str]], **kwargs) -> list[int]:
             text = tok.apply_chat_template(messages, tokenize=False, **kwargs)
             return tok(text, add_special_tokens=False)["input_ids"]
 
         prompt_ids = ids(prompt, add_generation_prompt=True)
-        responses = []
-        for messages in (chosen, rejected):
+        encoded = []
+        for messages in responses:
             full = ids(prompt + messages)
             if full[: len(prompt_ids)] != prompt_ids:
                 raise DataError(
                     "the chat template's rendering of the prompt is not a token prefix of the rendered "
                     "conversation, so the response boundary is ambiguous"
                 )
-            responses.append(full[len(prompt_ids) :])
-        return self._truncate(prompt_ids, *responses)
+            encoded.append(full[len(prompt_ids) :])
+        return self._truncate(prompt_ids, encoded)
 
     @staticmethod
     def _check_responses(chosen: str, rejected: str) -> None:
@@ -245,16 +275,20 @@ class PairEncoder:
         if chosen == rejected:
             raise Skip("identical responses")
 
-    def _truncate(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[str, list[int]]:
+    def _truncate(self, prompt: list[int], responses: list[list[int]]) -> tuple[list[int], list[list[int]]]:
         t = self.truncation
         if t.max_prompt_length is not None and len(prompt) > t.max_prompt_length:
             prompt = prompt[-t.max_prompt_length :] if t.mode == "keep_end" else prompt[: t.max_prompt_length]
         room = t.max_length - len(prompt)
         if room <= 0:
             raise Skip("prompt leaves no room for the response")
-        if not chosen or not rejected:
+        if not all(responses):
             raise Skip("empty response")
-        return {"prompt": prompt, "chosen": chosen[:room], "rejected": rejected[:room]}
+        return prompt, [r[:room] for r in responses]
+
+    @staticmethod
+    def _pair(prompt: list[int], responses: list[list[int]]) -> dict[str, list[int]]:
+        return {"prompt": prompt, "chosen": responses[0], "rejected": responses[1]}
 
 
 def encode_rows(rows: list[tuple[int, Row]], encoder: PairEncoder, source: str, reference: str) -> tuple[list[dict], Counter]:
@@ -277,6 +311,8 @@ def encode_rows(rows: list[tuple[int, Row]], encoder: PairEncoder, source: str, 
         log.warning("%s: skipped %d of %d rows: %s (rows %s)", source, count, len(rows), reason, shown)
     if not pairs:
         raise DataError(f"{source}: no usable preference pairs (skipped: {dict(skipped)})")
+    if len({"completion" in p for p in pairs}) > 1:
+        raise DataError(f"{source}: mixes paired rows (chosen/rejected) with unpaired rows (completion/label)")
     return pairs, skipped
 
 
@@ -291,30 +327,64 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 # --------------------------------------------------------------------------- collation
 
 
-class PreferenceCollator:
-    """Pads pairs into chosen and rejected batches of one common length ``T`` (right padding).
+def pad_sequences(seqs: list[list[int]], prompt_lengths: list[int], pad_token_id: int, prefix: str) -> dict[str, Tensor]:
+    """Right-pads ``prompt + response`` token lists into ``{prefix}_{input_ids,attention_mask,labels}``,
+    each ``[N, T]``; labels are ``IGNORE_INDEX`` on the prompt and padding, so only responses are scored."""
+    length = max(map(len, seqs))
+    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, (seq, start) in enumerate(zip(seqs, prompt_lengths)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, start : len(seq)] = ids[i, start : len(seq)]
+    return {f"{prefix}_input_ids": ids, f"{prefix}_attention_mask": mask, f"{prefix}_labels": labels}
 
-    Returns ``{chosen,rejected}_{input_ids,attention_mask,labels}``, each ``[B, T]``; labels are
-    ``IGNORE_INDEX`` on prompt and padding, so only response tokens are scored.
+
+class PreferenceCollator:
+    """Pads a batch of examples (right padding).
+
+    Pairs give ``{chosen,rejected}_{input_ids,attention_mask,labels}``, each ``[B, T]`` with one
+    common ``T``, plus ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` where the examples carry
+    precomputed reference log-probs. Unpaired examples give ``completion_{…}`` and ``desirable`` ``[B]``.
     """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, pairs: list[dict]) -> dict[str, Tensor]:
-        seqs = {side: [p["prompt"] + p[side] for p in pairs] for side in ("chosen", "rejected")}
-        length = max(len(s) for side in seqs.values() for s in side)
-        batch = {}
-        for side, rows in seqs.items():
-            ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(rows), length), dtype=torch.long)
-            for i, (pair, seq) in enumerate(zip(pairs, rows)):
-                ids[i, : len(seq)] = torch.tensor(seq)
-                mask[i, : len(seq)] = 1
-                labels[i, len(pair["prompt"]) : len(seq)] = ids[i, len(pair["prompt"]) : len(seq)]
-            batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"] = ids, mask, labels
+    def __call__(self, examples: list[dict]) -> dict[str, Tensor]:
+        lengths = [len(e["prompt"]) for e in examples]
+        if "completion" in examples[0]:
+            batch = pad_sequences([e["prompt"] + e["completion"] for e in examples], lengths, self.pad_token_id, "completion")
+            batch["desirable"] = torch.tensor([e["desirable"] for e in examples])
+            return batch
+        seqs = [e["prompt"] + e[side] for side in ("chosen", "rejected") for e in examples]
+        both = pad_sequences(seqs, lengths + lengths, self.pad_token_id, "all")
+        n, batch = len(examples), {}
+        for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
+            batch.update({f"{side}_{k}": both[f"all_{k}"][rows] for k in ("input_ids", "attention_mask", "labels")})
+            if f"ref_{side}_logps" in examples[0]:
+                batch[f"ref_{side}_logps"] = torch.tensor([e[f"ref_{side}_logps"] for e in examples])
         return batch
+
+
+def mismatched_batch(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, pad_token_id: int) -> dict[str, Tensor]:
+    """KTO's KL sequences: row i is the prompt of row i followed by the response of row i - 1
+    (cyclically), the rotation TRL's KTOTrainer applies within each batch.
+
+    Args:
+        input_ids, attention_mask, labels: ``[N, T]`` right-padded, labels ``IGNORE_INDEX`` off the response.
+
+    Returns:
+        ``{input_ids, attention_mask, labels}``, each ``[N, T']``.
+    """
+    scored = labels != IGNORE_INDEX
+    starts = scored.int().argmax(-1).tolist()
+    ends = attention_mask.sum(-1).tolist()
+    rows = [input_ids[i, :end].tolist() for i, end in enumerate(ends)]
+    seqs = [rows[i][: starts[i]] + rows[i - 1][starts[i - 1] :] for i in range(len(rows))]
+    padded = pad_sequences(seqs, starts, pad_token_id, "kl")
+    return {k.removeprefix("kl_"): v for k, v in padded.items()}
 
 
 # --------------------------------------------------------------------------- DataModule

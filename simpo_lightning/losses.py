@@ -1,8 +1,11 @@
-"""Preference losses as pure tensor functions.
+"""Preference losses as pure tensor functions, and the registry that names them.
 
-Every loss maps per-sequence log-probabilities to per-example ``(losses, chosen_rewards,
-rejected_rewards)``, each of shape ``[B]``. A new method is a new function plus an entry in
-``LOSSES``; the LightningModule never branches on the method's name.
+A paired loss maps per-sequence log-probabilities of the chosen and rejected responses (and,
+for methods with a reference model, the reference's) to per-example
+``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``. KTO, the one unpaired method, maps
+each completion's log-probs and its desirable/undesirable label to ``(losses, rewards)``. A new
+method is a new function plus an entry in ``LOSSES``; the LightningModule never branches on the
+method's name, only on the entry's properties.
 
 Margin convention (named once, here). SimPO's loss is
 
@@ -15,15 +18,23 @@ code does, because the authors publish their tuned settings that way. The other 
 - TRL's ``CPOConfig(loss_type="simpo", simpo_gamma=...)`` is the absolute γ as well.
 """
 
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+LossType = Literal["sigmoid", "hinge"]
 
-class PreferenceLoss(Protocol):
-    def __call__(self, chosen_logps: Tensor, rejected_logps: Tensor, **hparams) -> tuple[Tensor, Tensor, Tensor]: ...
+
+def _binary(h: Tensor, label_smoothing: float, loss_type: LossType) -> Tensor:
+    """-(1 - ε) log σ(h) - ε log σ(-h) for ``sigmoid``, max(0, 1 - h) for ``hinge``."""
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    if loss_type == "hinge":
+        return torch.relu(1 - h)
+    raise ValueError(f"loss_type must be 'sigmoid' or 'hinge', got {loss_type!r}")
 
 
 def simpo_loss(
@@ -32,15 +43,13 @@ def simpo_loss(
     beta: float = 2.0,
     gamma_beta_ratio: float = 0.5,
     label_smoothing: float = 0.0,
-    loss_type: Literal["sigmoid", "hinge"] = "sigmoid",
+    loss_type: LossType = "sigmoid",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """SimPO (Meng, Xia and Chen, 2024, arXiv:2405.14734).
+    """SimPO (Meng, Xia and Chen, 2024, arXiv:2405.14734). No reference model.
 
-    With Δ = chosen_logps - rejected_logps (both already length-normalised) and
-    h = β · (Δ - gamma_beta_ratio):
-
-    - ``sigmoid``: -(1 - ε) · log σ(h) - ε · log σ(-h), ε = ``label_smoothing`` (ε = 0 is the paper's loss);
-    - ``hinge``: max(0, 1 - h).
+    With Δ = chosen_logps - rejected_logps (both length-normalised) and h = β · (Δ - γ/β):
+    ``sigmoid``: -(1 - ε) · log σ(h) - ε · log σ(-h), ε = ``label_smoothing`` (ε = 0 is the paper);
+    ``hinge``: max(0, 1 - h).
 
     Args:
         chosen_logps: mean log-prob of each chosen response, ``[B]``.
@@ -54,13 +63,150 @@ def simpo_loss(
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are β · logps, detached.
     """
     h = beta * (chosen_logps - rejected_logps - gamma_beta_ratio)
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - h)
-    else:
-        raise ValueError(f"loss_type must be 'sigmoid' or 'hinge', got {loss_type!r}")
+    losses = _binary(h, label_smoothing, loss_type)
     return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
 
 
-LOSSES: dict[str, PreferenceLoss] = {"simpo": simpo_loss}
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: LossType = "sigmoid",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al., 2023, arXiv:2305.18290), on summed response log-probs.
+
+    With ρ_w = logπ(y_w|x) - logπ_ref(y_w|x), ρ_l likewise, and h = β · (ρ_w - ρ_l):
+    ``sigmoid``: -log σ(h); with ``label_smoothing`` ε > 0 the conservative DPO of Mitchell (2023),
+    -(1 - ε) · log σ(h) - ε · log σ(-h); ``hinge``: max(0, 1 - h) (SLiC, Zhao et al., 2023).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are β · ρ, detached.
+    """
+    chosen_ratios, rejected_ratios = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    losses = _binary(beta * (chosen_ratios - rejected_ratios), label_smoothing, loss_type)
+    return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
+
+
+def ipo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO (Azar et al., 2023, arXiv:2310.12036, Eq. 17), on length-averaged log-probs as in TRL.
+
+    With ρ = mean log-prob under the policy minus under the reference, and τ = ``beta``:
+    loss = (ρ_w - ρ_l - 1 / (2τ))².
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are β · ρ (of the
+        averaged log-probs, the quantity the loss uses; TRL logs β times the summed ratio).
+    """
+    chosen_ratios, rejected_ratios = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    losses = (chosen_ratios - rejected_ratios - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
+
+
+def cpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: LossType = "sigmoid",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CPO's preference term (Xu et al., 2024, arXiv:2401.08417): DPO without a reference model.
+
+    h = β · (logπ(y_w|x) - logπ(y_l|x)) on summed log-probs; then as ``dpo_loss``. The method adds
+    an NLL term on the chosen response, weighted by ``LossConfig.sft_weight`` (CPO's α, default 1).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are β · logps, detached.
+    """
+    losses = _binary(beta * (chosen_logps - rejected_logps), label_smoothing, loss_type)
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (Mächler, 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO's odds-ratio term (Hong, Lee and Thorne, 2024, arXiv:2403.07691, Eqs. 4-7). No reference.
+
+    With P = exp(mean log-prob) and odds(y|x) = P / (1 - P):
+    loss = -λ · log σ(log odds(y_w|x) - log odds(y_l|x)), λ = ``beta``. The method adds the NLL of
+    the chosen response with weight 1 (``LossConfig.sft_weight``).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are β · logps, detached.
+    """
+    log_odds = (chosen_logps - rejected_logps) - (log1mexp(chosen_logps) - log1mexp(rejected_logps))
+    return -beta * F.logsigmoid(log_odds), beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+
+def kto_kl(kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+    """KTO's reference point z₀: the batch mean of logπ - logπ_ref over mismatched pairs
+    (prompt i with completion i - 1), detached; clamp at 0 after averaging over processes."""
+    return (kl_logps - ref_kl_logps).mean().detach()
+
+
+def kto_loss(
+    logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al., 2024, arXiv:2402.01306, Eq. 7), on unpaired completions.
+
+    With ρ = logπ(y|x) - logπ_ref(y|x) (summed) and z₀ = ``kl`` (see ``kto_kl``):
+    desirable: λ_D · (1 - σ(β · (ρ - z₀))); undesirable: λ_U · (1 - σ(β · (z₀ - ρ))).
+
+    Args:
+        logps: summed log-prob of each completion, ``[N]``.
+        ref_logps: the same under the reference model, ``[N]``.
+        desirable: ``[N]`` bool label.
+        kl: scalar reference point z₀ ≥ 0, no gradient.
+
+    Returns:
+        ``(losses, rewards)``, each ``[N]``; rewards are β · ρ, detached.
+    """
+    ratios = logps - ref_logps
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratios - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratios))),
+    )
+    return losses, beta * ratios.detach()
+
+
+@dataclass(frozen=True)
+class Method:
+    """How the LightningModule feeds a loss."""
+
+    loss: Callable[..., tuple[Tensor, ...]]
+    average: bool
+    """Inputs are length-normalised (mean) log-probs; otherwise summed."""
+    reference: bool = False
+    """Takes reference log-probs after the policy's."""
+    sft_weight: float = 0.0
+    """Default weight of the NLL term on the chosen (desirable) response tokens."""
+    paired: bool = True
+    """False: unpaired completions with a desirable label (KTO)."""
+
+
+LOSSES: dict[str, Method] = {
+    "simpo": Method(simpo_loss, average=True),
+    "dpo": Method(dpo_loss, average=False, reference=True),
+    "ipo": Method(ipo_loss, average=True, reference=True),
+    "cpo": Method(cpo_loss, average=False, sft_weight=1.0),
+    "orpo": Method(orpo_loss, average=True, sft_weight=1.0),
+    "kto": Method(kto_loss, average=False, reference=True, paired=False),
+}

@@ -1,9 +1,14 @@
 """The LightningModule: one shared step for train, validation and test."""
 
+import copy
+import gc
+import hashlib
+import inspect
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -12,44 +17,83 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from simpo_lightning.data import PreferenceCollator, mismatched_batch
 from simpo_lightning.logprobs import IGNORE_INDEX, sequence_logps
-from simpo_lightning.losses import LOSSES
+from simpo_lightning.losses import LOSSES, Method, kto_kl
 from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 METRICS = [f"{group}/{side}" for group in ("rewards", "logps", "logits", "lengths") for side in ("chosen", "rejected")]
-METRICS += ["rewards/accuracies", "rewards/margins", "loss"]
+METRICS += ["rewards/accuracies", "rewards/margins", "loss", "kl"]
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass
 class LossConfig:
-    """The preference loss and its hyperparameters."""
+    """The preference loss and its hyperparameters. A field left null takes the method's default
+    (the default of its loss function in ``simpo_lightning.losses``); a field the method does not
+    use is ignored with a warning, so switching ``name`` alone is enough to change method."""
 
-    name: Literal["simpo"] = "simpo"
-    """Key in ``simpo_lightning.losses.LOSSES``."""
-    beta: float = 2.0
-    """Reward scale β (the SimPO reference's default)."""
-    gamma_beta_ratio: float = 0.5
-    """Target margin γ/β; the paper's γ and TRL's ``simpo_gamma`` are ``beta * gamma_beta_ratio``."""
-    label_smoothing: float = 0.0
-    """Probability that a preference label is flipped (sigmoid loss only)."""
-    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
-    sft_weight: float = 0.0
-    """Weight of an extra NLL term on the chosen response tokens (token mean), off by default."""
+    name: Literal["simpo", "dpo", "ipo", "cpo", "orpo", "kto"] = "simpo"
+    """Key in ``simpo_lightning.losses.LOSSES``. dpo, ipo and kto use a reference model."""
+    beta: float | None = None
+    """β (IPO's τ, ORPO's λ). Default: simpo 2.0, the others 0.1."""
+    gamma_beta_ratio: float | None = None
+    """simpo: target margin γ/β (default 0.5); the paper's γ and TRL's ``simpo_gamma`` are ``beta * gamma_beta_ratio``."""
+    label_smoothing: float | None = None
+    """simpo, dpo, cpo: probability that a preference label is flipped (default 0; sigmoid loss only)."""
+    loss_type: Literal["sigmoid", "hinge"] | None = None
+    """simpo, dpo, cpo: ``sigmoid`` (default) or ``hinge``."""
+    sft_weight: float | None = None
+    """Weight of an NLL term on the chosen (desirable) response tokens, token mean. Default: cpo and orpo 1, others 0."""
+    desirable_weight: float | None = None
+    """kto: λ_D, weight of desirable examples (default 1)."""
+    undesirable_weight: float | None = None
+    """kto: λ_U, weight of undesirable examples (default 1)."""
+
+    def method(self) -> Method:
+        return LOSSES[self.name]
+
+    def hparams(self) -> dict[str, Any]:
+        """The set fields the loss function takes; warns about set fields it does not take."""
+        accepted = inspect.signature(self.method().loss).parameters
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("name", "sft_weight") or value is None:
+                continue
+            if f.name in accepted:
+                out[f.name] = value
+            else:
+                log.warning("loss.%s = %r is ignored: %s does not use it", f.name, value, self.name)
+        return out
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy of dpo, ipo and kto (simpo, cpo and orpo never build one). With
+    LoRA it is the policy with its adapters disabled, so no second copy is held."""
+
+    precompute: bool = False
+    """Score every example with the reference once before training (cached on disk beside the data
+    cache), then free the reference; not for kto, whose KL term depends on the batch."""
+    dtype: Literal["float32", "bfloat16"] | None = None
+    """Without LoRA: dtype of the frozen copy (bfloat16 halves its memory). None: the policy's."""
 
 
 # Checkpoints record these in their hyperparameters; resuming loads with weights_only=True.
-torch.serialization.add_safe_globals([PolicyConfig, LoraConfig, LossConfig])
+torch.serialization.add_safe_globals([PolicyConfig, LoraConfig, LossConfig, ReferenceConfig])
 
 
 class SimPOModule(L.LightningModule):
-    """Preference-tunes a causal LM.
+    """Preference-tunes a causal LM with SimPO or one of the methods it is measured against.
 
     Args:
         policy: which model to load and how.
         lora: LoRA adapters; null trains every weight.
         loss: the preference loss.
+        reference: the reference model, for the methods that use one.
         optimizer: optimizer class and arguments, called with the trainable parameters.
         warmup_ratio: share of the steps with linear learning-rate warm-up from 0.
         lr_schedule: decay after warm-up.
@@ -61,6 +105,7 @@ class SimPOModule(L.LightningModule):
         policy: PolicyConfig = PolicyConfig(),
         lora: LoraConfig | None = LoraConfig(),
         loss: LossConfig = LossConfig(),
+        reference: ReferenceConfig = ReferenceConfig(),
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_ratio: float = 0.1,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
@@ -68,9 +113,17 @@ class SimPOModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])  # for the record: it stores dataclasses as dicts
-        self.policy, self.lora, self.loss_config, self.optimizer = policy, lora, loss, optimizer
+        self.policy, self.lora, self.loss_config, self.reference, self.optimizer = policy, lora, loss, reference, optimizer
+        self.method, self.loss_hparams = loss.method(), loss.hparams()
+        self.sft_weight = self.method.sft_weight if loss.sft_weight is None else loss.sft_weight
+        if reference.precompute and self.method.reference and not self.method.paired:
+            raise ValueError(f"reference.precompute does not apply to {loss.name}: its KL term pairs each prompt "
+                             "with another example's completion, which changes with every batch")
         self.tokenizer = load_tokenizer(policy)
         self.model: nn.Module | None = None
+        # The frozen copy is deliberately not a registered submodule: it stays out of the state dict,
+        # the optimizer and the strategy's wrapping.
+        self._reference: list[nn.Module] = []
         self.val_metrics = nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in METRICS})
         self.nonfinite_steps = 0
         self.nonfinite_in_a_row = 0
@@ -78,43 +131,77 @@ class SimPOModule(L.LightningModule):
         self.strict_loading = lora is None
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = build_policy(self.policy, self.lora)
+        if self.model is not None:
+            return
+        self.model = build_policy(self.policy, self.lora)
+        if self.method.reference and self.lora is None:
+            # A copy of the initial weights (also right for random_init and before a resume restores the policy).
+            frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.reference.dtype is not None:
+                frozen.to(getattr(torch, self.reference.dtype))
+            self._reference = [frozen]
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ log-probs
 
-    def forward_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One forward pass over chosen and rejected, concatenated on the batch axis.
-
-        Returns per-example ``[B]`` tensors: mean response log-prob (``logps``), summed log-prob
-        (``sum_logps``), response length (``lengths``) and mean logit over response positions
-        (``logits``), each under ``chosen_`` and ``rejected_`` keys.
-        """
-        n = batch["chosen_input_ids"].shape[0]
-        cat = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "attention_mask", "labels")}
+    def sequence_stats(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Summed response log-prob (``sum_logps``), response length (``lengths``) and mean logit over
+        response positions (``logits``) of each right-padded sequence, all ``[N]``."""
         # Only positions that predict a response token need logits: skipping the output head over the
         # rest of the prompt saves most of its cost (by FLOPs the head is a fifth of SmolLM2's forward).
-        labels = cat["labels"]
         first = int((labels != IGNORE_INDEX).int().argmax(-1).min())
         keep = min(labels.shape[1], labels.shape[1] - first + 1)
-        logits = self.model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"], logits_to_keep=keep).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         labels = labels[:, -keep:]
         sums, lengths = sequence_logps(logits, labels, average=False)
         mask = labels[:, 1:] != IGNORE_INDEX
         mean_logit = (logits[:, :-1].detach().float().mean(-1) * mask).sum(-1) / lengths
-        out = {"logps": sums / lengths, "sum_logps": sums, "lengths": lengths, "logits": mean_logit}
+        return {"sum_logps": sums, "lengths": lengths, "logits": mean_logit}
+
+    @torch.no_grad()
+    def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Summed response log-probs ``[N]`` under the reference model."""
+        if self.lora is not None:
+            with self.model.disable_adapter():
+                return self.sequence_stats(self.model, input_ids, attention_mask, labels)["sum_logps"]
+        if not self._reference:
+            raise RuntimeError("the reference model was freed after precomputing; the batch lacks ref_*_logps")
+        frozen = self._reference[0].to(self.device)
+        return self.sequence_stats(frozen, input_ids, attention_mask, labels)["sum_logps"]
+
+    def forward_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Chosen and rejected in one forward pass, concatenated on the batch axis.
+
+        Returns per-example ``[B]`` tensors under ``chosen_`` and ``rejected_`` keys: summed and mean
+        response log-prob (``sum_logps``, ``logps``), ``lengths`` and mean response ``logits``.
+        """
+        if "chosen_input_ids" not in batch:
+            raise ValueError(f"loss {self.loss_config.name!r} needs paired data (prompt, chosen, rejected); "
+                             "this batch holds unpaired completions, which only kto uses")
+        n = batch["chosen_input_ids"].shape[0]
+        out = self.sequence_stats(self.model, **_concat(batch, ("chosen", "rejected")))
+        out["logps"] = out["sum_logps"] / out["lengths"]
         return {f"{side}_{k}": v[sl] for k, v in out.items() for side, sl in (("chosen", slice(0, n)), ("rejected", slice(n, None)))}
 
+    # ------------------------------------------------------------------ the step
+
     def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss and per-example metrics ``[B]`` for one batch of pairs."""
+        """Loss and per-example metrics (``[B]`` each) for one batch."""
+        return (self._paired_step if self.method.paired else self._unpaired_step)(batch)
+
+    def _paired_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         out = self.forward_logps(batch)
-        cfg = self.loss_config
-        hparams = {k: v for k, v in asdict(cfg).items() if k not in ("name", "sft_weight")}
-        losses, chosen_rewards, rejected_rewards = LOSSES[cfg.name](out["chosen_logps"], out["rejected_logps"], **hparams)
-        loss = losses.mean()
-        if cfg.sft_weight:
-            nll = -out["chosen_sum_logps"].sum() / out["chosen_lengths"].sum()
-            loss = loss + cfg.sft_weight * nll
+        key = "logps" if self.method.average else "sum_logps"
+        args = [out[f"chosen_{key}"], out[f"rejected_{key}"]]
+        if self.method.reference:
+            if "ref_chosen_logps" in batch:
+                ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+            else:
+                ref = self.reference_logps(**_concat(batch, ("chosen", "rejected")))
+            if self.method.average:
+                ref = ref / torch.cat([out["chosen_lengths"], out["rejected_lengths"]])
+            args += list(ref.chunk(2))
+        losses, chosen_rewards, rejected_rewards = self.method.loss(*args, **self.loss_hparams)
+        loss = losses.mean() + self._nll(out["chosen_sum_logps"], out["chosen_lengths"])
         metrics = {
             "loss": losses.detach(),
             "rewards/chosen": chosen_rewards,
@@ -123,9 +210,110 @@ class SimPOModule(L.LightningModule):
             "rewards/margins": chosen_rewards - rejected_rewards,
         }
         for side in ("chosen", "rejected"):
-            for group in ("logps", "logits", "lengths"):
+            metrics[f"logps/{side}"] = out[f"{side}_{key}"].detach().float()
+            for group in ("logits", "lengths"):
                 metrics[f"{group}/{side}"] = out[f"{side}_{group}"].detach().float()
         return loss, metrics
+
+    def _unpaired_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """KTO: completions with a desirable label; a paired batch gives its chosen as desirable and its
+        rejected as undesirable completions."""
+        paired = "chosen_input_ids" in batch
+        if paired:
+            seqs = _concat(batch, ("chosen", "rejected"))
+            n = batch["chosen_input_ids"].shape[0]
+            desirable = torch.arange(2 * n, device=self.device) < n
+        else:
+            seqs = {k: batch[f"completion_{k}"] for k in SEQUENCE_KEYS}
+            desirable = batch["desirable"].bool()
+        kl_seqs = mismatched_batch(**seqs, pad_token_id=self.tokenizer.pad_token_id)
+        kl_seqs = {k: v.to(self.device) for k, v in kl_seqs.items()}
+        out = self.sequence_stats(self.model, **seqs)
+        with torch.no_grad():
+            kl_logps = self.sequence_stats(self.model, **kl_seqs)["sum_logps"]
+        ref, ref_kl = self.reference_logps(**_stack_padded(seqs, kl_seqs, self.tokenizer.pad_token_id)).split(
+            [len(desirable), len(desirable)])
+        kl = kto_kl(kl_logps, ref_kl)
+        if self._trainer is not None and self.trainer.world_size > 1:  # one reference point for all processes
+            kl = self.all_gather(kl).mean()
+        kl = kl.clamp(min=0)
+        losses, rewards = self.method.loss(out["sum_logps"], ref, desirable, kl, **self.loss_hparams)
+        loss = losses.mean() + self._nll(out["sum_logps"][desirable], out["lengths"][desirable])
+        metrics = {"loss": losses.detach(), "kl": kl.reshape(1)}
+        for side, rows in (("chosen", desirable), ("rejected", ~desirable)):
+            metrics[f"rewards/{side}"] = rewards[rows]
+            metrics[f"logps/{side}"] = out["sum_logps"][rows].detach().float()
+            for group in ("logits", "lengths"):
+                metrics[f"{group}/{side}"] = out[group][rows].detach().float()
+        if paired:
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+            metrics["rewards/accuracies"] = (metrics["rewards/margins"] > 0).float()
+        return loss, metrics
+
+    def _nll(self, sum_logps: Tensor, lengths: Tensor) -> Tensor | float:
+        """``sft_weight`` times the token-mean NLL of the given responses (0 when the weight is 0)."""
+        if not self.sft_weight or not len(lengths):
+            return 0.0
+        return -self.sft_weight * sum_logps.sum() / lengths.sum()
+
+    # ------------------------------------------------------------------ reference precomputation
+
+    @torch.no_grad()
+    def precompute_reference(self, splits: dict[str, list[dict]], batch_size: int, cache_dir: str | None) -> None:
+        """Adds ``ref_chosen_logps`` / ``ref_rejected_logps`` to every pair of every split, then frees the
+        frozen reference copy. Results are cached in ``cache_dir`` keyed by the model and the token ids."""
+        collate = PreferenceCollator(self.tokenizer.pad_token_id)
+        was_training = self.model.training
+        self.model.eval()
+        for name, examples in splits.items():
+            todo = [e for e in examples if "ref_chosen_logps" not in e]
+            if not todo:
+                continue
+            cache = self._reference_cache(todo, cache_dir)
+            cached = cache is not None and cache.is_file()
+            if cached:
+                values = torch.load(cache)
+            else:
+                values = []
+                for start in range(0, len(todo), batch_size):
+                    batch = {k: v.to(self.device) for k, v in collate(todo[start : start + batch_size]).items()}
+                    values.append(self.reference_logps(**_concat(batch, ("chosen", "rejected"))).view(2, -1).T.cpu())
+                values = torch.cat(values)
+                if cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(values, cache)
+            for example, (chosen, rejected) in zip(todo, values.tolist()):
+                example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
+            log.info("reference log-probs of %d %s pairs %s", len(todo), name, "loaded from cache" if cached else "computed")
+        self.model.train(was_training)
+        self._reference.clear()
+        gc.collect()
+
+    def _reference_cache(self, examples: list[dict], cache_dir: str | None) -> Path | None:
+        if cache_dir is None or self.policy.random_init:  # random weights are not identified by the config
+            return None
+        h = hashlib.sha256(repr((asdict(self.policy), self.reference.dtype)).encode())
+        for e in examples:
+            h.update(repr((e["prompt"], e["chosen"], e["rejected"])).encode())
+        return Path(cache_dir).expanduser() / f"ref-{h.hexdigest()[:24]}.pt"
+
+    def _maybe_precompute(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not (self.method.reference and self.reference.precompute and datamodule is not None):
+            return
+        splits = getattr(datamodule, "splits", None)
+        if splits is None:
+            raise ValueError("reference.precompute needs a PreferenceDataModule (it scores the data's splits)")
+        self.precompute_reference(splits, datamodule.hparams.batch_size, datamodule.hparams.cache_dir)
+
+    def on_fit_start(self) -> None:
+        self._maybe_precompute()
+
+    def on_validation_start(self) -> None:
+        self._maybe_precompute()
+
+    def on_test_start(self) -> None:
+        self._maybe_precompute()
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -137,15 +325,16 @@ class SimPOModule(L.LightningModule):
         if not torch.isfinite(loss):
             return self._skip_nonfinite(loss)
         self.nonfinite_in_a_row = 0
-        n = batch["chosen_input_ids"].shape[0]
+        n = len(metrics["loss"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v.mean() for k, v in metrics.items() if k != "loss"}, batch_size=n)
+        self.log_dict({f"train/{k}": v.mean() for k, v in metrics.items() if k != "loss" and v.numel()}, batch_size=n)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_start
-        tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
+        tokens = sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask"))
         self.log("train/tokens_per_sec", tokens.float() / seconds, prog_bar=True)
+        self.log("train/step_seconds", seconds)
         self.log("train/nonfinite_steps", float(self.nonfinite_steps))
 
     def _skip_nonfinite(self, loss: Tensor) -> None:
@@ -162,6 +351,8 @@ class SimPOModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> None:
         _, metrics = self.step(batch)
         for key, values in metrics.items():
+            if not values.numel():
+                continue
             metric = self.val_metrics[key.replace("/", "_")]
             metric.update(values)
             self.log(f"{prefix}/{key}", metric, prog_bar=key == "rewards/accuracies")
@@ -192,3 +383,17 @@ class SimPOModule(L.LightningModule):
         if self.lora is not None:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def _concat(batch: dict[str, Tensor], sides: tuple[str, ...]) -> dict[str, Tensor]:
+    """``{input_ids, attention_mask, labels}`` of the given sides stacked on the batch axis."""
+    return {k: torch.cat([batch[f"{side}_{k}"] for side in sides]) for k in SEQUENCE_KEYS}
+
+
+def _stack_padded(a: dict[str, Tensor], b: dict[str, Tensor], pad_token_id: int) -> dict[str, Tensor]:
+    """Two right-padded sequence batches of different widths stacked into one (right padding
+    changes nothing before it under causal attention)."""
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    pad = lambda x, k: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill[k])  # noqa: E731
+    return {k: torch.cat([pad(a[k], k), pad(b[k], k)]) for k in SEQUENCE_KEYS}

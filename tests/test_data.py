@@ -249,3 +249,53 @@ def test_real_hh_rlhf_file(tokenizer, caplog):
         assert len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"])) <= 512
     untruncated = [p for p in pairs if len(p["prompt"]) < 256]
     assert untruncated and all(tokenizer.decode(p["prompt"]).endswith("\n\nAssistant:") for p in untruncated)
+
+
+# --------------------------------------------------------------------------- unpaired rows (KTO)
+
+
+def test_unpaired_rows_text_and_messages(tokenizer):
+    enc = encoder(tokenizer)
+    text = enc({"prompt": "Say yes:", "completion": " yes", "label": True})
+    assert text == {"prompt": tokenizer("Say yes:")["input_ids"],
+                    "completion": tokenizer(" yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+                    "desirable": True}
+    chat = enc({"prompt": MSG("user", "Say yes"), "completion": MSG("assistant", "no"), "label": False})
+    assert tokenizer.decode(chat["completion"]).startswith("no<|im_end|>") and chat["desirable"] is False
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "completion": " c", "label": "yes"}, "true or false"),
+    ({"prompt": "p", "completion": " c"}, "label"),
+    ({"completion": " c", "label": True}, "prompt"),
+    ({"prompt": "p", "completion": 3, "label": True}, "messages"),
+])
+def test_malformed_unpaired_rows_raise(tokenizer, row, message):
+    with pytest.raises(DataError, match=message):
+        encoder(tokenizer)(row)
+
+
+def test_empty_unpaired_completion_is_skipped(tokenizer):
+    with pytest.raises(Skip, match="empty"):
+        encoder(tokenizer)({"prompt": "p", "completion": "  ", "label": True})
+
+
+def test_a_source_cannot_mix_paired_and_unpaired_rows(tokenizer):
+    rows = [(1, {"prompt": "p", "chosen": " a", "rejected": " b"}), (2, {"prompt": "p", "completion": " a", "label": True})]
+    with pytest.raises(DataError, match="mixes"):
+        encode_rows(rows, encoder(tokenizer), "mixed.jsonl", "reference")
+
+
+def test_collator_for_unpaired_rows_and_kl_rotation():
+    from simpo_lightning.data import mismatched_batch
+
+    rows = [{"prompt": [1, 2], "completion": [3], "desirable": True}, {"prompt": [4], "completion": [5, 6, 7], "desirable": False},
+            {"prompt": [8, 9, 10], "completion": [11, 12], "desirable": True}]
+    batch = PreferenceCollator(pad_token_id=0)(rows)
+    assert batch["desirable"].tolist() == [True, False, True]
+    assert batch["completion_labels"][1].tolist() == [IGNORE_INDEX, 5, 6, 7, IGNORE_INDEX]
+    kl = mismatched_batch(batch["completion_input_ids"], batch["completion_attention_mask"], batch["completion_labels"], 0)
+    # row i: prompt i + completion i - 1 (cyclic), as TRL's KTOTrainer
+    assert kl["input_ids"].tolist() == [[1, 2, 11, 12, 0, 0], [4, 3, 0, 0, 0, 0], [8, 9, 10, 5, 6, 7]]
+    assert kl["labels"][0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 11, 12, IGNORE_INDEX, IGNORE_INDEX]
+    assert kl["attention_mask"].sum(-1).tolist() == [4, 2, 6]

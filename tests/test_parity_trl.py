@@ -1,16 +1,21 @@
-"""Parity with an independent implementation: TRL's CPOTrainer(loss_type="simpo").
+"""Parity with an independent implementation: TRL's trainers, one per method.
 
-TRL tokenises and collates its own batch; the same token ids go through this package's step
-with the same tiny model. Losses, rewards and log-probs must agree to float32 rounding, which
-checks the response mask, the length normalisation, the margin mapping (TRL's absolute
-``simpo_gamma`` = β · ``gamma_beta_ratio``) and the NLL term (TRL's ``cpo_alpha`` = ``sft_weight``).
+TRL tokenises and collates its own batch; the same token ids go through this package's step with
+the same tiny model (the policy perturbed away from the reference, so log-ratios are not zero).
+Losses, rewards and log-probs must agree to float32 rounding, and the gradients (hence one
+optimizer step) must agree too. Where TRL's definition differs on purpose, the documented
+mapping is tested: the margin (TRL's absolute ``simpo_gamma`` = β · ``gamma_beta_ratio``), IPO's
+logged rewards (TRL: β times the summed log-ratio; here: of the averaged one, which the loss
+uses) and ORPO's NLL term (TRL: over prompt and response; here: over the response, as the paper).
 """
 
+import copy
 import os
 
 import pytest
 import torch
 
+from simpo_lightning.data import mismatched_batch
 from simpo_lightning.logprobs import IGNORE_INDEX
 from simpo_lightning.model import PolicyConfig
 from simpo_lightning.module import LossConfig, SimPOModule
@@ -24,41 +29,219 @@ ROWS = [
     {"prompt": "Name a colour:", "chosen": " blue, like the sky", "rejected": " seven"},
     {"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5 or maybe 22"},
 ]
+APPROX = dict(rel=1e-5, abs=1e-6)
+
+
+def dataset(rows):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+def ours(tiny_dir, seed: int = 1, **loss) -> SimPOModule:
+    """Our module with the policy perturbed away from the tiny model (which stays the reference)."""
+    module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=None, loss=LossConfig(**loss))
+    module.configure_model()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def trl_models(module, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return copy.deepcopy(module.model).train(), AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
 
 
 def pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
 
 
+def from_chosen_rejected(batch, pad_token_id):
+    """TRL's CPO/ORPO batches (separate chosen/rejected tensors) padded to one width."""
+    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    out = {}
+    for side in ("chosen", "rejected"):
+        out[f"{side}_input_ids"] = pad_to(batch[f"{side}_input_ids"], length, pad_token_id)
+        out[f"{side}_attention_mask"] = pad_to(batch[f"{side}_attention_mask"], length, 0)
+        out[f"{side}_labels"] = pad_to(batch[f"{side}_labels"], length, IGNORE_INDEX)
+    return out
+
+
+def from_completion_mask(batch, prefix: str = ""):
+    """TRL's DPO/KTO batches (``input_ids`` with a ``completion_mask``) as our sequence tensors."""
+    labels = batch[f"{prefix}input_ids"].masked_fill(batch[f"{prefix}completion_mask"] == 0, IGNORE_INDEX)
+    return {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"], "labels": labels}
+
+
+def assert_same_step(ours_model, ours_loss, trl_model, trl_loss, rtol: float = 1e-4):
+    """Same gradients, and the same weight update from one SGD step."""
+    ours_loss.backward()
+    trl_loss.backward()
+    theirs = dict(trl_model.named_parameters())
+    before = {name: p.detach().clone() for name, p in ours_model.named_parameters()}
+    for name, p in ours_model.named_parameters():
+        scale = theirs[name].grad.abs().max().item()
+        assert p.grad is not None and scale > 0, name
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=rtol, atol=rtol / 10 * scale, msg=name)
+    for model in (ours_model, trl_model):
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for name, p in ours_model.named_parameters():
+        ours_update, trl_update = p.detach() - before[name], theirs[name].detach() - before[name]
+        scale = trl_update.abs().max().item()
+        assert scale > 0, name
+        rounding = 4 * torch.finfo(torch.float32).eps * before[name].abs().max().item()  # of w + Δw - w
+        torch.testing.assert_close(ours_update, trl_update, rtol=rtol, atol=rtol / 10 * scale + rounding, msg=name)
+
+
 @pytest.mark.parametrize("beta, gamma_beta_ratio, sft_weight, label_smoothing", [(2.0, 0.5, 0.0, 0.0), (10.0, 0.3, 0.5, 0.1)])
 def test_simpo_matches_trl_cpo_trainer(tiny_dir, tokenizer, tmp_path, beta, gamma_beta_ratio, sft_weight, label_smoothing):
-    import datasets
-    from transformers import AutoModelForCausalLM
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
+    module = ours(tiny_dir, beta=beta, gamma_beta_ratio=gamma_beta_ratio, sft_weight=sft_weight, label_smoothing=label_smoothing)
     args = CPOConfig(
         output_dir=str(tmp_path), loss_type="simpo", beta=beta, simpo_gamma=beta * gamma_beta_ratio, cpo_alpha=sft_weight,
         label_smoothing=label_smoothing, max_length=128, per_device_train_batch_size=4, report_to="none", use_cpu=True,
     )
-    reference = CPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args,
-                           train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tokenizer)
+    reference = CPOTrainer(model=trl_models(module, tiny_dir)[0], args=args, train_dataset=dataset(ROWS), processing_class=tokenizer)
+    batch = next(iter(reference.get_train_dataloader()))
+    trl_loss, trl_metrics = reference.get_batch_loss_metrics(reference.model, batch)
+    loss, metrics = module.step(from_chosen_rejected(batch, tokenizer.pad_token_id))
+
+    assert loss.item() == pytest.approx(trl_loss.item(), **APPROX)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert metrics[name].mean().item() == pytest.approx(trl_metrics[name], **APPROX), name
+    assert_same_step(module.model, loss, reference.model, trl_loss)
+
+
+@pytest.mark.parametrize("label_smoothing, loss_type", [(0.0, "sigmoid"), (0.1, "sigmoid"), (0.0, "hinge")])
+def test_cpo_matches_trl_cpo_trainer(tiny_dir, tokenizer, tmp_path, label_smoothing, loss_type):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    module = ours(tiny_dir, name="cpo", beta=0.5, label_smoothing=label_smoothing, loss_type=loss_type)
+    args = CPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=0.5, label_smoothing=label_smoothing,
+                     max_length=128, per_device_train_batch_size=4, report_to="none", use_cpu=True)  # cpo_alpha 1.0
+    reference = CPOTrainer(model=trl_models(module, tiny_dir)[0], args=args, train_dataset=dataset(ROWS), processing_class=tokenizer)
+    batch = next(iter(reference.get_train_dataloader()))
+    trl_loss, trl_metrics = reference.get_batch_loss_metrics(reference.model, batch)
+    loss, metrics = module.step(from_chosen_rejected(batch, tokenizer.pad_token_id))
+
+    assert module.sft_weight == args.cpo_alpha == 1.0
+    assert loss.item() == pytest.approx(trl_loss.item(), **APPROX)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert metrics[name].mean().item() == pytest.approx(trl_metrics[name], **APPROX), name
+    assert_same_step(module.model, loss, reference.model, trl_loss)
+
+
+def test_orpo_matches_trl_orpo_trainer(tiny_dir, tokenizer, tmp_path):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    module = ours(tiny_dir, name="orpo", beta=0.25)
+    args = ORPOConfig(output_dir=str(tmp_path), beta=0.25, max_length=128, per_device_train_batch_size=4,
+                      report_to="none", use_cpu=True)
+    reference = ORPOTrainer(model=trl_models(module, tiny_dir)[0], args=args, train_dataset=dataset(ROWS), processing_class=tokenizer)
     batch = next(iter(reference.get_train_dataloader()))
     with torch.no_grad():
         trl_loss, trl_metrics = reference.get_batch_loss_metrics(reference.model, batch)
+        loss, metrics = module.step(from_chosen_rejected(batch, tokenizer.pad_token_id))
 
-    module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=None,
-                         loss=LossConfig(beta=beta, gamma_beta_ratio=gamma_beta_ratio, sft_weight=sft_weight,
-                                         label_smoothing=label_smoothing))
-    module.configure_model()
-    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    ours = {}
-    for side in ("chosen", "rejected"):
-        ours[f"{side}_input_ids"] = pad_to(batch[f"{side}_input_ids"], length, tokenizer.pad_token_id)
-        ours[f"{side}_attention_mask"] = pad_to(batch[f"{side}_attention_mask"], length, 0)
-        ours[f"{side}_labels"] = pad_to(batch[f"{side}_labels"], length, IGNORE_INDEX)
-    with torch.no_grad():
-        loss, metrics = module.step(ours)
-
-    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
-        assert metrics[name].mean().item() == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+        assert metrics[name].mean().item() == pytest.approx(trl_metrics[name], **APPROX), name
+    # The odds-ratio term agrees exactly; the NLL term differs by design: TRL's covers the prompt too.
+    lengths = metrics["lengths/chosen"]
+    our_nll = -(metrics["logps/chosen"] * lengths).sum() / lengths.sum()
+    assert module.sft_weight == 1.0
+    assert (loss - our_nll).item() == pytest.approx(trl_loss.item() - trl_metrics["nll_loss"], **APPROX)
+    assert metrics["loss"].mean().item() == pytest.approx(-trl_metrics["log_odds_ratio"] * 0.25, **APPROX)
+
+    # Gradients of the odds-ratio term alone.
+    module.sft_weight = 0.0
+    loss, _ = module.step(from_chosen_rejected(batch, tokenizer.pad_token_id))
+    chosen, rejected = reference.concatenated_forward(reference.model, batch)[:2]
+    trl_or = -reference.odds_ratio_loss(chosen, rejected)[0].mean()
+    assert_same_step(module.model, loss, reference.model, trl_or)
+
+
+@pytest.mark.parametrize("name, loss_type", [("dpo", "sigmoid"), ("dpo", "hinge"), ("ipo", "ipo")])
+def test_dpo_and_ipo_match_trl_dpo_trainer(tiny_dir, tokenizer, tmp_path, name, loss_type):
+    from trl import DPOConfig, DPOTrainer
+
+    module = ours(tiny_dir, name=name, beta=0.5, **({"loss_type": loss_type} if name == "dpo" else {}))
+    policy, ref = trl_models(module, tiny_dir)
+    args = DPOConfig(output_dir=str(tmp_path), loss_type=[loss_type], beta=0.5, max_length=128,
+                     per_device_train_batch_size=4, report_to="none", use_cpu=True)
+    reference = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset(ROWS), processing_class=tokenizer)
+    batch = next(iter(reference.get_train_dataloader()))
+    trl_loss = reference.compute_loss(reference.model, batch)
+    trl_metrics = {k: v[-1] for k, v in reference._metrics["train"].items()}
+    seqs, n = from_completion_mask(batch), len(ROWS)
+    ours_batch = {f"{side}_{k}": v[rows] for k, v in seqs.items() for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None)))}
+    # TRL's no-grad log-prob path rounds differently from a plain forward (its fused output head), by
+    # about 1e-5 relative: check our reference forward against it at that level, then feed TRL's
+    # reference log-probs through our precomputed-reference input so the rest compares to rounding.
+    trl_ref = torch.cat(reference.compute_ref_log_probs(reference.ref_model, batch))
+    torch.testing.assert_close(module.reference_logps(**seqs), trl_ref, rtol=5e-5, atol=1e-4)
+    ours_batch["ref_chosen_logps"], ours_batch["ref_rejected_logps"] = trl_ref.chunk(2)
+    loss, metrics = module.step(ours_batch)
+
+    assert loss.item() == pytest.approx(trl_loss.item(), **APPROX)
+    assert abs(metrics["rewards/margins"]).max() > 1e-3  # the policy really differs from the reference
+    if name == "ipo":  # TRL logs β times the summed log-ratio; ours is of the averaged one (what IPO's loss uses)
+        for side in ("chosen", "rejected"):
+            metrics[f"rewards/{side}"] = metrics[f"rewards/{side}"] * metrics[f"lengths/{side}"]
+            metrics[f"logps/{side}"] = metrics[f"logps/{side}"] * metrics[f"lengths/{side}"]
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        metrics["rewards/accuracies"] = (metrics["rewards/margins"] > 0).float()
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert metrics[key].mean().item() == pytest.approx(trl_metrics[key], **APPROX), key
+    assert_same_step(module.model, loss, reference.model, trl_loss)
+
+
+@pytest.mark.parametrize("seed", [9, 1])  # the KL estimate is 0.30 with seed 9, negative (clamped to 0) with seed 1
+def test_kto_matches_trl_kto_trainer(tiny_dir, tokenizer, tmp_path, seed):
+    """TRL's KTO on the unpaired form of ROWS (chosen desirable, rejected undesirable, in that order,
+    one batch, so its +1 rotation of completions for the KL term is the same as ours).
+
+    TRL computes the reference and KL log-probs in its no-grad path, which rounds differently from a
+    plain forward by about 1e-5 relative (see the DPO test); KTO offers no way to feed them in, so the
+    values that depend on them are compared at 1e-3 absolute (a wrong sign, mask or rotation moves
+    them by 1e-2 or more)."""
+    from trl import KTOConfig, KTOTrainer
+
+    module = ours(tiny_dir, seed=seed, name="kto", beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    policy, ref = trl_models(module, tiny_dir)
+    unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"} for side in ("chosen", "rejected") for r in ROWS]
+    args = KTOConfig(output_dir=str(tmp_path), beta=0.5, desirable_weight=1.0, undesirable_weight=1.5, max_length=128,
+                     per_device_train_batch_size=len(unpaired), report_to="none", use_cpu=True)
+    reference = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset(unpaired), processing_class=tokenizer)
+    batch = next(iter(reference.get_train_dataloader()))
+    assert batch["label"].tolist() == [r["label"] for r in unpaired]
+    trl_loss = reference.compute_loss(reference.model, batch)
+    trl_metrics = {k: v[-1] for k, v in reference._metrics["train"].items()}
+
+    seqs = from_completion_mask(batch)
+    kl_seqs = mismatched_batch(**seqs, pad_token_id=tokenizer.pad_token_id)
+    width = kl_seqs["input_ids"].shape[1]
+    assert torch.equal(kl_seqs["input_ids"], batch["KL_input_ids"][:, :width])
+    assert torch.equal(kl_seqs["labels"], from_completion_mask(batch, "KL_")["labels"][:, :width])
+    unpaired_batch = {f"completion_{k}": v for k, v in seqs.items()} | {"desirable": batch["label"]}
+    n = len(ROWS)
+    paired_batch = {f"{side}_{k}": v[rows] for k, v in seqs.items() for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None)))}
+    with torch.no_grad():
+        paired_loss, paired_metrics = module.step(paired_batch)
+    loss, metrics = module.step(unpaired_batch)
+
+    close = dict(abs=1e-3)
+    assert metrics["kl"].item() == pytest.approx(trl_metrics["kl"], **close)
+    assert metrics["kl"].item() > 0.1 if seed == 9 else metrics["kl"].item() == 0.0
+    assert loss.item() == pytest.approx(trl_loss.item(), **close)
+    assert paired_loss.item() == pytest.approx(loss.item(), **APPROX)
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"):
+        tolerance = APPROX if key.startswith("logps") else close
+        assert metrics[key].mean().item() == pytest.approx(trl_metrics[key], **tolerance), key
+        assert paired_metrics[key].mean().item() == pytest.approx(trl_metrics[key], **tolerance), key
+    margin = metrics["rewards/chosen"].mean() - metrics["rewards/rejected"].mean()
+    assert margin.item() == pytest.approx(trl_metrics["rewards/margins"], **close)
+    assert_same_step(module.model, loss, reference.model, trl_loss, rtol=2e-3)
