@@ -87,3 +87,23 @@ class HeldOutReport(L.Callback):
             lines.append(f"  …{prompt!r} -> {answer.strip()!r} (reference {reference!r})")
         if trainer.is_global_zero:
             print("\n".join(lines), flush=True)
+
+
+class PeakMemory(L.Callback):
+    """Prints and logs the peak memory of training when it ends: GPU memory allocated by PyTorch on
+    CUDA, else the process's peak resident memory."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            kind, gb = "gpu_allocated", torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        else:
+            import resource
+
+            kind, gb = "cpu_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        for logger in trainer.loggers:
+            logger.log_metrics({f"peak_memory_gb/{kind}": gb}, step=trainer.global_step)
+        print(f"PEAK_MEMORY_GB {kind} rank {trainer.global_rank} {gb:.3f}", flush=True)

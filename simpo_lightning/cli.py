@@ -1,7 +1,9 @@
 """The ``simpo-lightning`` command: LightningCLI over SimPOModule and PreferenceDataModule."""
 
+import logging
 import netrc
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -54,10 +56,27 @@ class SaveConfig(SaveConfigCallback):
             logger.log_hyperparams(yaml.safe_load(text))
 
 
+def find_last_checkpoint(trainer: Trainer) -> Path | None:
+    """The newest ``last*.ckpt`` of any earlier run logged beside this one (same logger folder)."""
+    found = list(run_dir(trainer).parent.glob("*/checkpoints/last*.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 class SimPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data pipeline tokenises with the model's own tokenizer.
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        # Lightning looks for ``ckpt_path: last`` only in this run's new version folder, where nothing is
+        # saved yet; an interrupted run's checkpoint is in an earlier version folder beside it.
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            found = find_last_checkpoint(self.trainer)
+            if found is None:
+                raise FileNotFoundError(f"--ckpt_path last: no checkpoints/last*.ckpt under {run_dir(self.trainer).parent}")
+            print(f"resuming from {found}")
+            config["ckpt_path"] = str(found)
 
 
 def cli_main(args: list[str] | None = None) -> SimPOCLI:
@@ -72,7 +91,19 @@ def cli_main(args: list[str] | None = None) -> SimPOCLI:
 
 
 def main() -> None:
-    """Console entry point (``simpo-lightning``); returns None so the exit status is 0."""
+    """Console entry point (``simpo-lightning``); returns None so the exit status is 0.
+    ``export`` is ours; fit, validate, test and predict are LightningCLI's."""
+    if sys.argv[1:2] == ["export"]:
+        from jsonargparse import ArgumentParser
+
+        from simpo_lightning.export import export
+
+        parser = ArgumentParser(prog="simpo-lightning export", description=export.__doc__.split("\n")[0])
+        parser.add_function_arguments(export, as_positional=False)
+        args = parser.parse_args(sys.argv[2:])
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        print(f"wrote {export(**vars(args))}")
+        return
     cli_main()
 
 

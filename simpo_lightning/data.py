@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import json
 import logging
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,16 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from simpo_lightning import demo
 from simpo_lightning.logprobs import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+# GlobalBatchSampler makes mid-epoch resumption exact (it skips the trained batches, see
+# PreferenceDataModule.train_dataloader); Lightning cannot see that and would warn otherwise.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 Row = dict[str, Any]
 Format = Literal["auto", "standard", "conversational", "hh"]
@@ -387,6 +391,48 @@ def mismatched_batch(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, 
     return {k.removeprefix("kl_"): v for k, v in padded.items()}
 
 
+# --------------------------------------------------------------------------- sampling
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """Training order that is the same for any number of processes and can resume mid-epoch.
+
+    Each epoch shuffles the split with a generator seeded by ``(seed, epoch)`` and cuts the order into
+    global batches of ``batch_size * world_size``; process ``rank`` takes its own ``batch_size`` slice
+    of each. A 2-process run with batch size B therefore trains on the same global batches as a
+    1-process run with 2B, and a resumed run can skip exactly the batches it has trained on.
+    (A ``DistributedSampler`` subclass so Lightning does not replace it with its own.)
+    """
+
+    def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        self.size, self.batch_size, self.world_size, self.rank, self.seed = size, batch_size, world_size, rank, seed
+        self.epoch = 0
+        self.skip: tuple[int, int] | None = None  # (epoch, batches of it already trained)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
+        step, out = self.batch_size * self.world_size, []
+        for start in range(0, self.size, step):
+            group = order[start : start + step]
+            share = -(-len(group) // self.world_size)  # a short last global batch is split as evenly as it goes
+            if len(group) >= self.world_size:
+                out.append(group[self.rank * share : (self.rank + 1) * share])
+        return out
+
+    def __iter__(self):
+        batches = self._batches()
+        if self.skip is not None and self.skip[0] == self.epoch:
+            batches = batches[self.skip[1] :]
+            self.skip = None
+        return iter([i for batch in batches for i in batch])
+
+    def __len__(self) -> int:
+        return sum(map(len, self._batches()))
+
+
 # --------------------------------------------------------------------------- DataModule
 
 
@@ -471,24 +517,34 @@ class PreferenceDataModule(L.LightningDataModule):
             torch.save((pairs, dict(skipped)), cache)
         return pairs
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, sampler: DistributedSampler | None = None) -> DataLoader:
         return DataLoader(
             self.splits[split],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            sampler=sampler,
             collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        trainer = self.trainer
+        # Data-parallel replicas (with tensor parallelism, fewer than the processes).
+        replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+        world_size, rank = (replicas["num_replicas"], replicas["rank"]) if replicas else (1, 0)
+        sampler = GlobalBatchSampler(len(self.splits["train"]), self.hparams.batch_size, world_size, rank, self.hparams.seed)
+        if trainer is not None and trainer.fit_loop.restarting:
+            # Resuming: the restored loop state says how many batches of this epoch were trained on
+            # ("processed": checkpoints are written in on_train_batch_end, before "completed" counts the batch).
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.skip = (trainer.current_epoch, done)
+            log.info("resuming epoch %d after %d batches", trainer.current_epoch, done)
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def generation_examples(self, split: str = "val") -> list[tuple[list[int], str]]:
         """Distinct ``(prompt_ids, reference)`` of a split, for rows that carry a reference answer."""

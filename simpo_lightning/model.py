@@ -1,6 +1,7 @@
 """Everything that loads or builds a policy model or tokenizer: the only module touching
 ``transformers`` and ``peft`` loading code."""
 
+import hashlib
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -13,6 +14,22 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = "~/.cache/simpo-lightning"
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes k-bit loading of the frozen base weights, trained through LoRA adapters (QLoRA).
+    Needs ``pip install bitsandbytes``; runs on NVIDIA GPUs and (bitsandbytes >= 0.49) on CPU."""
+
+    bits: Literal[4, 8] = 4
+    """8: LLM.int8 linear layers. 4: 4-bit blocks with one scale per 64 weights."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 (normal float) is QLoRA's."""
+    double_quant: bool = True
+    """4-bit: quantize the block scales too (about 0.4 bits per weight saved)."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """4-bit: dtype the weights are de-quantized to for each matrix product."""
 
 
 @dataclass
@@ -35,6 +52,8 @@ class PolicyConfig:
     """Set every dropout to 0, as the SimPO reference does (LoRA's own dropout excepted)."""
     attn_implementation: str = "sdpa"
     """Passed to ``transformers``: ``sdpa``, ``eager`` or ``flash_attention_2``."""
+    quantization: QuantizationConfig | None = None
+    """Load the base weights in 8 or 4 bits (needs LoRA). None: ``dtype``."""
 
 
 @dataclass
@@ -94,7 +113,9 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
         if not hasattr(config, key):
             raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
-    if cfg.random_init:
+    if cfg.quantization is not None:
+        model = load_quantized(cfg, lora, config)
+    elif cfg.random_init:
         config.quantization_config = None  # a GGUF source marks its config quantized
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
@@ -107,10 +128,85 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-    if cfg.gradient_checkpointing:
+    if cfg.quantization is not None:
+        import peft
+
+        # float32 for the few unquantized weights (norms, embeddings), inputs that carry gradients.
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
         model = apply_lora(model, lora)
+    return model
+
+
+def save_random_model(folder: str | Path, overrides: dict[str, Any], seed: int = 0) -> None:
+    """Save a randomly initialised model of the default (SmolLM2) architecture, resized by
+    ``overrides``, with its tokenizer, as an ordinary model folder (for tests, benchmarks, and
+    everything that loads saved weights only, such as bitsandbytes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, gguf_file = resolve_source(PolicyConfig())
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+    config.quantization_config = None
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    load_tokenizer(PolicyConfig()).save_pretrained(folder)
+
+
+def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config) -> nn.Module:
+    """Load the base weights through bitsandbytes, with clear errors for what cannot work."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = cfg.quantization
+    if lora is None:
+        raise ValueError("policy.quantization needs LoRA: quantized weights are frozen, only adapters can train (QLoRA)")
+    if cfg.random_init:
+        raise ValueError("policy.quantization loads saved weights; random_init has none (save the random model first)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(f"policy.quantization ({q.bits}-bit) needs bitsandbytes: pip install bitsandbytes")
+    path, gguf_file = resolve_source(cfg)
+    if gguf_file is not None:  # transformers cannot combine GGUF and bitsandbytes: go through a float copy
+        path = float_copy(path, gguf_file)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    if q.bits == 8:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+                                 bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+    device = torch.get_default_device()  # Lightning's init context: the accelerator the run trains on
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, quantization_config=bnb, dtype=getattr(torch, cfg.dtype),
+                                                    attn_implementation=cfg.attn_implementation, device_map={"": device})
+    except (RuntimeError, NotImplementedError, ImportError) as error:
+        raise RuntimeError(f"bitsandbytes {q.bits}-bit loading failed on {device} (supported: CUDA, and CPU with "
+                           f"bitsandbytes >= 0.49): {error}") from error
+
+
+def float_copy(path: str, gguf_file: str) -> str:
+    """A GGUF model de-quantized once into an ordinary float32 model folder (cached), for what needs one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(path) / gguf_file
+    stamp = hashlib.sha256(f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = Path(CACHE_DIR).expanduser() / f"gguf-{stamp}"
+    if not (folder / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+        saveable(model).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(folder)
+        log.info("de-quantized %s into %s", source, folder)
+    return str(folder)
+
+
+def saveable(model: nn.Module) -> nn.Module:
+    """Drops the quantized marker a GGUF load leaves (its weights are plain floats), which would make
+    ``save_pretrained`` refuse."""
+    model.config.quantization_config = None
+    model.hf_quantizer = None
     return model
 
 
@@ -122,3 +218,19 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
+
+
+def shard(model: nn.Module, mesh) -> nn.Module:
+    """FSDP2 (``fully_shard``) over ``mesh``: each decoder layer is its own unit (the classes the
+    ``transformers`` model lists in ``_no_split_modules``), then the rest (embeddings, head) at the root.
+    Works the same with LoRA: frozen and trainable parameters are sharded alike, only the trainable
+    ones get gradients."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (no _no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from simpo_lightning.data import PreferenceCollator, mismatched_batch
 from simpo_lightning.logprobs import IGNORE_INDEX, sequence_logps
 from simpo_lightning.losses import LOSSES, Method, kto_kl
-from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy, load_tokenizer
+from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer, shard
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ReferenceConfig:
 
 
 # Checkpoints record these in their hyperparameters; resuming loads with weights_only=True.
-torch.serialization.add_safe_globals([PolicyConfig, LoraConfig, LossConfig, ReferenceConfig])
+torch.serialization.add_safe_globals([PolicyConfig, QuantizationConfig, LoraConfig, LossConfig, ReferenceConfig])
 
 
 class SimPOModule(L.LightningModule):
@@ -140,6 +140,12 @@ class SimPOModule(L.LightningModule):
             if self.reference.dtype is not None:
                 frozen.to(getattr(torch, self.reference.dtype))
             self._reference = [frozen]
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
+            if self.policy.quantization is not None:
+                raise ValueError("policy.quantization cannot be combined with ModelParallelStrategy (bitsandbytes weights do not shard)")
+            mesh = self.device_mesh["data_parallel"]
+            self.model = shard(self.model, mesh)
+            self._reference = [shard(m, mesh) for m in self._reference]
 
     # ------------------------------------------------------------------ log-probs
 
@@ -326,7 +332,7 @@ class SimPOModule(L.LightningModule):
             return self._skip_nonfinite(loss)
         self.nonfinite_in_a_row = 0
         n = len(metrics["loss"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)  # the mean over all processes
         self.log_dict({f"train/{k}": v.mean() for k, v in metrics.items() if k != "loss" and v.numel()}, batch_size=n)
         return loss
 
@@ -380,7 +386,8 @@ class SimPOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.lora is not None:
+        # Sharded (distributed) checkpoints keep every key: their loader expects the model's full state dict.
+        if self.lora is not None and self.device_mesh is None:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 

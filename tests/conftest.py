@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -15,20 +14,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from simpo_lightning.model import PolicyConfig, load_tokenizer, resolve_source
+    from simpo_lightning.model import save_random_model
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer(PolicyConfig())
-    tokenizer.save_pretrained(folder)
-    path, gguf = resolve_source(PolicyConfig())
-    config = AutoConfig.from_pretrained(path, gguf_file=gguf)
-    config.quantization_config = None
-    for key, value in TINY.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    save_random_model(folder, TINY)
     return str(folder)
 
 

@@ -13,10 +13,11 @@ from simpo_lightning.cli import cli_main
 
 from conftest import ROOT, wandb_history
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+REAL_USE = [c for c in CONFIGS if c.parent.name != "configs"]  # configs/<model>/<setup>.yaml
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_shipped_config_parses(config, capsys):
     """Parsing validates every key against the code's signatures, so configs cannot drift."""
     first_line = config.read_text().splitlines()[0]
@@ -28,6 +29,29 @@ def test_every_shipped_config_parses(config, capsys):
     shipped = yaml.safe_load(config.read_text())
     assert resolved["model"]["loss"] == {**resolved["model"]["loss"], **shipped["model"]["loss"]}
     assert resolved["data"]["train_data"] == shipped["data"]["train_data"]
+
+
+@pytest.mark.parametrize("config", REAL_USE, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_real_use_configs_keep_the_papers_global_batch_and_name_real_layers(config, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    trainer, model, data = resolved["trainer"], resolved["model"], resolved["data"]
+    assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] * trainer["accumulate_grad_batches"] == 128
+    assert data["truncation"]["max_length"] == 2048 and model["loss"]["name"] == "simpo"
+    assert f"--config configs/{config.relative_to(ROOT / 'configs')}" in config.read_text().splitlines()[0]
+    strategy = trainer["strategy"]
+    if config.stem.startswith("fsdp"):
+        assert strategy["class_path"].endswith("FSDPStrategy") and model["lora"] is None
+        assert trainer["num_nodes"] == (2 if config.stem == "fsdp-2node" else 1) and trainer["devices"] == 8
+        for path in strategy["init_args"]["auto_wrap_policy"] + strategy["init_args"]["activation_checkpointing_policy"]:
+            module, _, name = path.rpartition(".")
+            assert isinstance(getattr(importlib.import_module(module), name), type)
+    else:
+        assert strategy == "auto" and model["lora"] is not None and trainer["devices"] == 1
+        assert (model["policy"]["quantization"] is not None) == config.stem.startswith("qlora")
 
 
 def test_cli_overrides_the_yaml(capsys):
