@@ -345,16 +345,47 @@ def pad_sequences(seqs: list[list[int]], prompt_lengths: list[int], pad_token_id
     return {f"{prefix}_input_ids": ids, f"{prefix}_attention_mask": mask, f"{prefix}_labels": labels}
 
 
+def pack_pairs(examples: list[dict], pad_token_id: int) -> dict[str, Tensor]:
+    """Each pair as one right-padded sequence ``[prompt, chosen, rejected]`` (the prompt once).
+
+    Returns ``packed_input_ids``, ``packed_position_ids`` (the rejected part continues from the end of
+    the prompt, as in its own sequence) and ``packed_segments`` (0 prompt, 1 chosen, 2 rejected,
+    -1 padding), each ``[B, T]``; and, per scored response token, ``packed_index`` (row * T + the
+    position whose output predicts it), ``packed_targets`` (the token) and ``packed_sequence`` (i for
+    pair i's chosen, B + i for its rejected), each ``[M]``. The first rejected token is predicted by
+    the prompt's last position, like the first chosen token.
+    """
+    n, width = len(examples), max(len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in examples)
+    ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    segments = torch.full((n, width), -1, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    index, targets, sequence = [], [], []
+    for i, e in enumerate(examples):
+        p, c, r = len(e["prompt"]), len(e["chosen"]), len(e["rejected"])
+        ids[i, : p + c + r] = torch.tensor(e["prompt"] + e["chosen"] + e["rejected"])
+        segments[i, : p + c + r] = torch.tensor([0] * p + [1] * c + [2] * r)
+        positions[i, : p + c + r] = torch.tensor(list(range(p + c)) + list(range(p, p + r)))
+        predicted_at = [p + k - 1 for k in range(c)] + [p - 1] + [p + c + k - 1 for k in range(1, r)]
+        for where, token, seq in zip(predicted_at, e["chosen"] + e["rejected"], [i] * c + [n + i] * r):
+            if where >= 0:  # with an empty prompt the first token has no predictor, as in a separate sequence
+                index.append(i * width + where)
+                targets.append(token)
+                sequence.append(seq)
+    return {"packed_input_ids": ids, "packed_position_ids": positions, "packed_segments": segments,
+            "packed_index": torch.tensor(index), "packed_targets": torch.tensor(targets), "packed_sequence": torch.tensor(sequence)}
+
+
 class PreferenceCollator:
     """Pads a batch of examples (right padding).
 
     Pairs give ``{chosen,rejected}_{input_ids,attention_mask,labels}``, each ``[B, T]`` with one
-    common ``T``, plus ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` where the examples carry
-    precomputed reference log-probs. Unpaired examples give ``completion_{…}`` and ``desirable`` ``[B]``.
+    common ``T`` (with ``shared_prompt``, also the ``packed_*`` tensors of ``pack_pairs``), plus
+    ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` where the examples carry precomputed
+    reference log-probs. Unpaired examples give ``completion_{…}`` and ``desirable`` ``[B]``.
     """
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, shared_prompt: bool = False):
+        self.pad_token_id, self.shared_prompt = pad_token_id, shared_prompt
 
     def __call__(self, examples: list[dict]) -> dict[str, Tensor]:
         lengths = [len(e["prompt"]) for e in examples]
@@ -367,6 +398,9 @@ class PreferenceCollator:
         n, batch = len(examples), {}
         for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
             batch.update({f"{side}_{k}": both[f"all_{k}"][rows] for k in ("input_ids", "attention_mask", "labels")})
+        if self.shared_prompt:  # the model uses it where the method allows (not kto), else the separate sequences
+            batch.update(pack_pairs(examples, self.pad_token_id))
+        for side in ("chosen", "rejected"):
             if f"ref_{side}_logps" in examples[0]:
                 batch[f"ref_{side}_logps"] = torch.tensor([e[f"ref_{side}_logps"] for e in examples])
         return batch
@@ -394,18 +428,25 @@ def mismatched_batch(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, 
 # --------------------------------------------------------------------------- sampling
 
 
+def example_length(example: dict) -> int:
+    """Tokens of an encoded example: prompt plus its responses."""
+    return sum(len(example[k]) for k in ("prompt", "chosen", "rejected", "completion") if k in example)
+
+
 class GlobalBatchSampler(DistributedSampler):
     """Training order that is the same for any number of processes and can resume mid-epoch.
 
     Each epoch shuffles the split with a generator seeded by ``(seed, epoch)`` and cuts the order into
     global batches of ``batch_size * world_size``; process ``rank`` takes its own ``batch_size`` slice
-    of each. A 2-process run with batch size B therefore trains on the same global batches as a
+    of each. Given ``lengths``, batches group examples of similar length (bucketing, same seeding). A 2-process run with batch size B therefore trains on the same global batches as a
     1-process run with 2B, and a resumed run can skip exactly the batches it has trained on.
     (A ``DistributedSampler`` subclass so Lightning does not replace it with its own.)
     """
 
-    def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 lengths: list[int] | None = None, pool: int = 64):
         self.size, self.batch_size, self.world_size, self.rank, self.seed = size, batch_size, world_size, rank, seed
+        self.lengths, self.pool = lengths, pool
         self.epoch = 0
         self.skip: tuple[int, int] | None = None  # (epoch, batches of it already trained)
 
@@ -413,11 +454,20 @@ class GlobalBatchSampler(DistributedSampler):
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
-        step, out = self.batch_size * self.world_size, []
-        for start in range(0, self.size, step):
-            group = order[start : start + step]
-            share = -(-len(group) // self.world_size)  # a short last global batch is split as evenly as it goes
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        step = self.batch_size * self.world_size
+        if self.lengths is not None:
+            # Bucketing: sort each pool of `pool` global batches by length, so a batch holds similar
+            # lengths and little padding, then shuffle the batches so lengths do not trend over the epoch.
+            span = step * self.pool
+            order = [i for s in range(0, self.size, span) for i in sorted(order[s : s + span], key=self.lengths.__getitem__)]
+        groups = [order[s : s + step] for s in range(0, self.size, step)]
+        if self.lengths is not None:
+            groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+        out = []
+        for group in groups:
+            share = -(-len(group) // self.world_size)  # a short global batch is split as evenly as it goes
             if len(group) >= self.world_size:
                 out.append(group[self.rank * share : (self.rank + 1) * share])
         return out
@@ -454,6 +504,11 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: preference pairs per batch (each pair is two sequences).
         num_workers: DataLoader worker processes.
         seed: seed for the validation split and the shuffling of training batches.
+        shared_prompt: also encode each pair as one sequence ``[prompt, chosen, rejected]`` (see ``pack_pairs``),
+            which the model computes instead of two sequences: the prompt once, half the activation memory
+            on prompt-heavy data; the log-probs equal separate sequences'. kto uses the separate ones.
+        group_by_length: training batches of similar-length pairs (less padding; the order is still
+            random and seeded). Off: batches as drawn.
         cache_dir: where tokenised data is cached, keyed by content, settings and tokenizer; None disables it.
         tokenizer: set by the command from the model; pass one when building the DataModule by hand.
     """
@@ -470,6 +525,8 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        shared_prompt: bool = True,
+        group_by_length: bool = False,
         cache_dir: str | None = "~/.cache/simpo-lightning",
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
@@ -522,7 +579,7 @@ class PreferenceDataModule(L.LightningDataModule):
             self.splits[split],
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
+            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id, self.hparams.shared_prompt),
             num_workers=self.hparams.num_workers,
         )
 
@@ -531,7 +588,8 @@ class PreferenceDataModule(L.LightningDataModule):
         # Data-parallel replicas (with tensor parallelism, fewer than the processes).
         replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
         world_size, rank = (replicas["num_replicas"], replicas["rank"]) if replicas else (1, 0)
-        sampler = GlobalBatchSampler(len(self.splits["train"]), self.hparams.batch_size, world_size, rank, self.hparams.seed)
+        lengths = [example_length(e) for e in self.splits["train"]] if self.hparams.group_by_length else None
+        sampler = GlobalBatchSampler(len(self.splits["train"]), self.hparams.batch_size, world_size, rank, self.hparams.seed, lengths)
         if trainer is not None and trainer.fit_loop.restarting:
             # Resuming: the restored loop state says how many batches of this epoch were trained on
             # ("processed": checkpoints are written in on_train_batch_end, before "completed" counts the batch).

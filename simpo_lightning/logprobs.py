@@ -44,3 +44,64 @@ def sequence_logps(logits: Tensor, labels: Tensor, average: bool = True) -> tupl
         raise ValueError("a sequence has no response tokens; the data pipeline should have dropped it")
     total = per_token.sum(-1)
     return (total / n_tokens if average else total), n_tokens
+
+
+class _LabelLogps(torch.autograd.Function):
+    """log softmax(hidden @ weightᵀ)[target] for rows of hidden states, a chunk of rows at a time, so
+    the ``[rows, vocab]`` logits exist for one chunk only, in the forward and in the backward pass
+    (which recomputes them). Also returns each row's mean logit (no gradient), for logging."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, dtype: torch.dtype):
+        w, acc = weight.to(dtype), torch.promote_types(dtype, torch.float32)  # float32, or float64 for gradcheck
+        logps = torch.empty(len(hidden), dtype=acc, device=hidden.device)
+        lse, mean_logit = torch.empty_like(logps), torch.empty_like(logps)
+        for s in range(0, len(hidden), chunk):
+            logits = (hidden[s : s + chunk].to(dtype) @ w.T).to(acc)
+            lse[s : s + chunk] = logits.logsumexp(-1)
+            logps[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+            mean_logit[s : s + chunk] = logits.mean(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.mark_non_differentiable(mean_logit)
+        return logps, mean_logit
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        w, acc = weight.to(ctx.dtype), lse.dtype
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        for s in range(0, len(hidden), ctx.chunk):
+            h, g = hidden[s : s + ctx.chunk].to(ctx.dtype), grad[s : s + ctx.chunk, None]
+            # d logp[y] / d logits = onehot(y) - softmax(logits)
+            d = (h @ w.T).to(acc).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
+            d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)
+            d = d.to(ctx.dtype)
+            if need_hidden:
+                grad_hidden[s : s + ctx.chunk] = d @ w
+            if need_weight:
+                grad_weight += (d.T @ h).to(acc)
+        return grad_hidden, grad_weight.to(weight.dtype) if need_weight else None, None, None, None
+
+
+def label_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of ``targets`` under the output head, computed ``chunk`` rows at a time.
+
+    Equal to ``log_softmax(hidden @ weight.T)[target]`` (float32 log-softmax) without ever holding
+    the logits of more than ``chunk`` rows, forward or backward. Under autocast the products use
+    the autocast dtype, as the model's own head would.
+
+    Args:
+        hidden: ``[M, H]`` final hidden states of the positions that predict a target.
+        weight: ``[V, H]`` output head (no bias).
+        targets: ``[M]`` token ids.
+
+    Returns:
+        ``(logps [M], mean_logit [M])``; only ``logps`` carries a gradient.
+    """
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        return _LabelLogps.apply(hidden, weight, targets, chunk, dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +234,17 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, Tensor] | None:
+    """The decoder (returning final, normalised hidden states) and the output head's weight, for
+    computing log-probs from hidden states in chunks; None where the head is more than a bias-free
+    linear layer (logit soft-capping or scaling, an adapted head), which needs the model's own logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    head = base.get_output_embeddings()
+    config = base.config
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return base.get_decoder(), head.weight

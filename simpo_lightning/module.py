@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from simpo_lightning.data import PreferenceCollator, mismatched_batch
-from simpo_lightning.logprobs import IGNORE_INDEX, sequence_logps
+from simpo_lightning.logprobs import IGNORE_INDEX, label_logps, sequence_logps
 from simpo_lightning.losses import LOSSES, Method, kto_kl
-from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer, shard
+from simpo_lightning.model import (
+    LoraConfig, PolicyConfig, QuantizationConfig, build_policy, decoder_and_head, load_tokenizer, shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,10 @@ class SimPOModule(L.LightningModule):
         warmup_ratio: share of the steps with linear learning-rate warm-up from 0.
         lr_schedule: decay after warm-up.
         max_nonfinite_steps: a NaN/inf loss skips its step (counted, logged); this many in a row stops training.
+        logits_chunk: response positions per chunk of the output head when computing log-probs, so the
+            full-vocabulary logits of the batch never exist (forward or backward); null computes the
+            model's full logits instead (also used where the head is not a plain linear layer, and
+            under ModelParallelStrategy).
     """
 
     def __init__(
@@ -110,11 +116,13 @@ class SimPOModule(L.LightningModule):
         warmup_ratio: float = 0.1,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         max_nonfinite_steps: int = 10,
+        logits_chunk: int | None = 1024,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])  # for the record: it stores dataclasses as dicts
         self.policy, self.lora, self.loss_config, self.reference, self.optimizer = policy, lora, loss, reference, optimizer
         self.method, self.loss_hparams = loss.method(), loss.hparams()
+        self.logits_chunk = logits_chunk
         self.sft_weight = self.method.sft_weight if loss.sft_weight is None else loss.sft_weight
         if reference.precompute and self.method.reference and not self.method.paired:
             raise ValueError(f"reference.precompute does not apply to {loss.name}: its KL term pairs each prompt "
@@ -152,6 +160,12 @@ class SimPOModule(L.LightningModule):
     def sequence_stats(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Summed response log-prob (``sum_logps``), response length (``lengths``) and mean logit over
         response positions (``logits``) of each right-padded sequence, all ``[N]``."""
+        if self._chunked(model):
+            scored = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+            rows, positions = scored.nonzero(as_tuple=True)
+            index = rows * labels.shape[1] + positions
+            logps, mean_logit = self._flat_logps(model, index, labels[:, 1:][scored], input_ids=input_ids, attention_mask=attention_mask)
+            return _per_sequence(logps, mean_logit, rows, len(input_ids))
         # Only positions that predict a response token need logits: skipping the output head over the
         # rest of the prompt saves most of its cost (by FLOPs the head is a fifth of SmolLM2's forward).
         first = int((labels != IGNORE_INDEX).int().argmax(-1).min())
@@ -163,19 +177,55 @@ class SimPOModule(L.LightningModule):
         mean_logit = (logits[:, :-1].detach().float().mean(-1) * mask).sum(-1) / lengths
         return {"sum_logps": sums, "lengths": lengths, "logits": mean_logit}
 
+    def packed_stats(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``sequence_stats`` of chosen then rejected (``[2B]``) from shared-prompt sequences
+        ``[prompt, chosen, rejected]``: rejected tokens attend to the prompt and to themselves, never to
+        the chosen tokens, and their position ids continue from the end of the prompt, so each response
+        is scored exactly as in its own sequence while the prompt is encoded once."""
+        segments = batch["packed_segments"]  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+        width = segments.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+        key, query = segments[:, None, :], segments[:, :, None]
+        visible = causal & ((key == 0) | (key == query)) & (key >= 0)
+        visible |= torch.eye(width, dtype=torch.bool, device=segments.device)  # padding rows see themselves, not nothing
+        logps, mean_logit = self._flat_logps(model, batch["packed_index"], batch["packed_targets"], input_ids=batch["packed_input_ids"],
+                                             attention_mask=visible[:, None], position_ids=batch["packed_position_ids"])
+        return _per_sequence(logps, mean_logit, batch["packed_sequence"], 2 * len(segments))
+
+    def pair_stats(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``sequence_stats`` of the chosen then the rejected responses of a batch of pairs, ``[2B]``."""
+        if "packed_input_ids" in batch:
+            return self.packed_stats(model, batch)
+        return self.sequence_stats(model, **_concat(batch, ("chosen", "rejected")))
+
+    def _chunked(self, model: nn.Module) -> bool:
+        return bool(self.logits_chunk) and self.device_mesh is None and decoder_and_head(model) is not None
+
+    def _flat_logps(self, model: nn.Module, index: Tensor, targets: Tensor, **inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-prob of ``targets`` ``[M]`` predicted at flat positions ``index`` ``[M]`` (row * width + position)
+        of the model's output, and the mean logit there (no gradient). With ``logits_chunk`` the logits
+        exist a chunk at a time (``label_logps``), else the model's full logits are computed."""
+        if self._chunked(model):
+            decoder, head = decoder_and_head(model)
+            hidden = decoder(**inputs).last_hidden_state
+            return label_logps(hidden.flatten(0, 1)[index], head, targets, self.logits_chunk)
+        logits = model(**inputs).logits.flatten(0, 1)[index].float()
+        logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        return logps, logits.detach().mean(-1)
+
     @torch.no_grad()
-    def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Summed response log-probs ``[N]`` under the reference model."""
+    def reference_logps(self, stats: Callable[[nn.Module], dict[str, Tensor]]) -> Tensor:
+        """``stats(model)["sum_logps"]`` under the reference model, e.g. ``lambda m: self.pair_stats(m, batch)``."""
         if self.lora is not None:
             with self.model.disable_adapter():
-                return self.sequence_stats(self.model, input_ids, attention_mask, labels)["sum_logps"]
+                return stats(self.model)["sum_logps"]
         if not self._reference:
             raise RuntimeError("the reference model was freed after precomputing; the batch lacks ref_*_logps")
-        frozen = self._reference[0].to(self.device)
-        return self.sequence_stats(frozen, input_ids, attention_mask, labels)["sum_logps"]
+        return stats(self._reference[0].to(self.device))["sum_logps"]
 
     def forward_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Chosen and rejected in one forward pass, concatenated on the batch axis.
+        """Chosen and rejected in one forward pass, concatenated on the batch axis (or packed, sharing
+        their prompt: see ``packed_stats``).
 
         Returns per-example ``[B]`` tensors under ``chosen_`` and ``rejected_`` keys: summed and mean
         response log-prob (``sum_logps``, ``logps``), ``lengths`` and mean response ``logits``.
@@ -183,9 +233,9 @@ class SimPOModule(L.LightningModule):
         if "chosen_input_ids" not in batch:
             raise ValueError(f"loss {self.loss_config.name!r} needs paired data (prompt, chosen, rejected); "
                              "this batch holds unpaired completions, which only kto uses")
-        n = batch["chosen_input_ids"].shape[0]
-        out = self.sequence_stats(self.model, **_concat(batch, ("chosen", "rejected")))
+        out = self.pair_stats(self.model, batch)
         out["logps"] = out["sum_logps"] / out["lengths"]
+        n = len(out["logps"]) // 2
         return {f"{side}_{k}": v[sl] for k, v in out.items() for side, sl in (("chosen", slice(0, n)), ("rejected", slice(n, None)))}
 
     # ------------------------------------------------------------------ the step
@@ -202,7 +252,7 @@ class SimPOModule(L.LightningModule):
             if "ref_chosen_logps" in batch:
                 ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
             else:
-                ref = self.reference_logps(**_concat(batch, ("chosen", "rejected")))
+                ref = self.reference_logps(lambda model: self.pair_stats(model, batch))
             if self.method.average:
                 ref = ref / torch.cat([out["chosen_lengths"], out["rejected_lengths"]])
             args += list(ref.chunk(2))
@@ -237,7 +287,8 @@ class SimPOModule(L.LightningModule):
         out = self.sequence_stats(self.model, **seqs)
         with torch.no_grad():
             kl_logps = self.sequence_stats(self.model, **kl_seqs)["sum_logps"]
-        ref, ref_kl = self.reference_logps(**_stack_padded(seqs, kl_seqs, self.tokenizer.pad_token_id)).split(
+        both = _stack_padded(seqs, kl_seqs, self.tokenizer.pad_token_id)
+        ref, ref_kl = self.reference_logps(lambda model: self.sequence_stats(model, **both)).split(
             [len(desirable), len(desirable)])
         kl = kto_kl(kl_logps, ref_kl)
         if self._trainer is not None and self.trainer.world_size > 1:  # one reference point for all processes
@@ -283,7 +334,7 @@ class SimPOModule(L.LightningModule):
                 values = []
                 for start in range(0, len(todo), batch_size):
                     batch = {k: v.to(self.device) for k, v in collate(todo[start : start + batch_size]).items()}
-                    values.append(self.reference_logps(**_concat(batch, ("chosen", "rejected"))).view(2, -1).T.cpu())
+                    values.append(self.reference_logps(lambda model: self.pair_stats(model, batch)).view(2, -1).T.cpu())
                 values = torch.cat(values)
                 if cache is not None:
                     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -390,6 +441,15 @@ class SimPOModule(L.LightningModule):
         if self.lora is not None and self.device_mesh is None:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def _per_sequence(logps: Tensor, mean_logit: Tensor, rows: Tensor, n: int) -> dict[str, Tensor]:
+    """Per-token values ``[M]`` of sequences ``rows`` ``[M]`` summed into ``sequence_stats``' ``[n]`` form."""
+    lengths = torch.bincount(rows, minlength=n)
+    if (lengths == 0).any():
+        raise ValueError("a sequence has no response tokens; the data pipeline should have dropped it")
+    total = lambda x: torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, rows, x)  # noqa: E731
+    return {"sum_logps": total(logps), "lengths": lengths, "logits": total(mean_logit) / lengths}
 
 
 def _concat(batch: dict[str, Tensor], sides: tuple[str, ...]) -> dict[str, Tensor]:

@@ -299,3 +299,35 @@ def test_collator_for_unpaired_rows_and_kl_rotation():
     assert kl["input_ids"].tolist() == [[1, 2, 11, 12, 0, 0], [4, 3, 0, 0, 0, 0], [8, 9, 10, 5, 6, 7]]
     assert kl["labels"][0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 11, 12, IGNORE_INDEX, IGNORE_INDEX]
     assert kl["attention_mask"].sum(-1).tolist() == [4, 2, 6]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_global_batch_sampler_bucketing_is_a_seeded_partition_with_less_padding(world_size):
+    from simpo_lightning.data import GlobalBatchSampler
+
+    lengths = torch.randint(10, 500, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def epoch(sampler_lengths, epoch, seed=0):
+        samplers = [GlobalBatchSampler(300, 4, world_size, rank, seed, sampler_lengths, pool=8) for rank in range(world_size)]
+        for s in samplers:
+            s.set_epoch(epoch)
+        return [b for s in samplers for b in s._batches()]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches) / sum(lengths)
+
+    bucketed = epoch(lengths, 0)
+    assert sorted(i for b in bucketed for i in b) == list(range(300))  # every example once
+    assert bucketed == epoch(lengths, 0) and bucketed != epoch(lengths, 1) and bucketed != epoch(lengths, 0, seed=1)
+    assert padding(bucketed) < 0.25 * padding(epoch(None, 0))
+
+
+def test_datamodule_group_by_length_covers_the_split_with_less_padding(tokenizer):
+    widths = {}
+    for grouped in (False, True):
+        dm = PreferenceDataModule(tokenizer=tokenizer, cache_dir=None, batch_size=4, group_by_length=grouped)
+        dm.setup()
+        batches = list(dm.train_dataloader())
+        assert sum(len(b["chosen_input_ids"]) for b in batches) == len(dm.splits["train"])
+        widths[grouped] = sum(b["chosen_input_ids"].numel() for b in batches)
+    assert widths[True] < widths[False]

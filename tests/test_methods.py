@@ -46,6 +46,33 @@ def test_every_method_fits_through_the_command(name, tiny_dir, tmp_path):
     assert ("train/kl" in last) == (name == "kto")
 
 
+@pytest.mark.parametrize("name", ["simpo", "dpo"])
+def test_shared_prompt_training_gives_the_separate_sequences_loss_curve(name, tiny_dir):
+    """Full fine-tuning, so DPO's frozen reference scores the packed batches too."""
+    curves = []
+    for shared in (False, True):
+        L.seed_everything(0)
+        module, data = module_and_data(tiny_dir, name, shared_prompt=shared)
+        losses = []
+        module.on_train_batch_end = lambda outputs, *_: losses.append(outputs["loss"].item())
+        trainer(limit_val_batches=0).fit(module, data)
+        curves.append(losses)
+    assert len(curves[0]) == 3 and len(set(curves[0])) == 3
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+def test_kto_trains_on_shared_prompt_batches_with_their_separate_sequences(tiny_dir):
+    curves = []
+    for shared in (False, True):
+        L.seed_everything(0)
+        module, data = module_and_data(tiny_dir, "kto", shared_prompt=shared)
+        losses = []
+        module.on_train_batch_end = lambda outputs, *_: losses.append(outputs["loss"].item())
+        trainer(limit_val_batches=0).fit(module, data)
+        curves.append(losses)
+    assert len(curves[1]) == 3 and curves[1] == curves[0]
+
+
 def test_lora_reference_is_the_base_with_adapters_disabled(tiny_dir):
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +85,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_dir):
     with torch.no_grad():
         expected = module.sequence_stats(base, **seqs)["sum_logps"]
         policy = module.sequence_stats(module.model, **seqs)["sum_logps"]
-    torch.testing.assert_close(module.reference_logps(**seqs), expected)
+    torch.testing.assert_close(module.reference_logps(lambda model: module.sequence_stats(model, **seqs)), expected)
     assert (policy - expected).abs().max() > 1e-2  # the adapters did train
 
 
@@ -81,7 +108,7 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_copy(tiny_dir, tm
     val = data.splits["val"][:6]
     batch = PreferenceCollator(module.tokenizer.pad_token_id)(val)
     seqs = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "attention_mask", "labels")}
-    on_the_fly = module.reference_logps(**seqs)
+    on_the_fly = module.reference_logps(lambda model: module.sequence_stats(model, **seqs))
     module.precompute_reference({"val": val}, batch_size=4, cache_dir=str(tmp_path))
     assert module._reference == []
     precomputed = torch.tensor([e["ref_chosen_logps"] for e in val] + [e["ref_rejected_logps"] for e in val])

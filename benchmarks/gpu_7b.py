@@ -1,0 +1,142 @@
+"""SimPO LoRA steps on randomly initialised 7B/8B models, on one NVIDIA GPU, in under 8 minutes.
+
+    python benchmarks/gpu_7b.py                  # Mistral-7B and Llama-3-8B architectures, bfloat16
+    python benchmarks/gpu_7b.py --cpu --tiny     # the same runs on a 2-layer shrink of each, on CPU (the test)
+
+The architectures are the public configs in ``benchmarks/architectures/`` (no weights are
+downloaded: the weights are random, which changes nothing about time or memory). Each run builds
+``SimPOModule`` with LoRA r=16 on all linear layers and times ``steps`` optimizer steps of its real
+training step (``module.step``, backward, AdamW) on batches of ``pairs`` random pairs whose chosen and
+rejected sequences are each ``length`` tokens (half prompt), under bfloat16 autocast; for 1024 and
+2048 tokens, with and without gradient checkpointing, and DPO (reference = adapters disabled) at
+1024. Prints peak GPU memory (``max_memory_allocated``), real tokens per second (2 × length per
+pair) and model FLOPs utilisation: 6 × parameters × tokens per second over the bf16 matrix-multiply
+peak measured in the same run (6N is the usual convention; LoRA does about 4N of real work).
+"""
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from simpo_lightning.model import LoraConfig, PolicyConfig, load_tokenizer
+from simpo_lightning.module import LossConfig, SimPOModule
+
+ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def model_folder(name: str, tiny: bool, workdir: Path) -> str:
+    """A folder with the architecture's config.json and a tokenizer (only its pad id is used)."""
+    folder = workdir / name
+    folder.mkdir()
+    config = {k: v for k, v in json.loads((ARCHITECTURES / f"{name}.json").read_text()).items() if not k.startswith("_")}
+    (folder / "config.json").write_text(json.dumps({**config, **(TINY if tiny else {})}))
+    load_tokenizer(PolicyConfig()).save_pretrained(folder)
+    return str(folder)
+
+
+def matmul_peak(device: torch.device) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_batch(pairs: int, length: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    prompt = length // 2
+    batch = {}
+    for side in ("chosen", "rejected"):
+        ids = torch.randint(0, vocab, (pairs, length), device=device)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": torch.ones_like(ids), f"{side}_labels": labels})
+    return batch
+
+
+def run(folder: str, method: str, length: int, checkpointing: bool, args, device: torch.device, peak: float) -> dict:
+    policy = PolicyConfig(name_or_path=folder, random_init=True, dtype="bfloat16", gradient_checkpointing=checkpointing)
+    module = SimPOModule(policy=policy, lora=LoraConfig(r=16, alpha=32), loss=LossConfig(name=method))
+    with torch.device(device):
+        module.configure_model()
+    module.to(device)
+    params = sum(p.numel() for p in module.model.parameters())
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    vocab = module.model.config.vocab_size
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(args.warmup + args.steps):
+        batch = random_batch(args.pairs, length, vocab, device)
+        sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = module.step(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    seconds = sum(times) / len(times)
+    tokens = 2 * args.pairs * length / seconds
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    del module, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"params_b": params / 1e9, "step_s": seconds, "tokens_s": tokens, "peak_gb": memory, "mfu": 6 * params * tokens / peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="2-layer shrink of each architecture")
+    parser.add_argument("--pairs", type=int, default=1, help="preference pairs per step")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--architectures", nargs="+", default=["mistral-7b", "llama-3-8b"])
+    args = parser.parse_args()
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU; use --cpu --tiny to check the script")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    peak = matmul_peak(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}: bf16 matmul peak measured {peak / 1e12:.1f} TFLOP/s; {args.pairs} pair(s) per step, LoRA r=16", flush=True)
+    print("| architecture | method | tokens/seq | grad. checkpointing | peak GPU GB | step s | tokens/s | MFU (6N) |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="gpu-7b-"))
+    start = time.perf_counter()
+    try:
+        for arch in args.architectures:
+            folder = model_folder(arch, args.tiny, workdir)
+            for method, length, checkpointing in [("simpo", 1024, False), ("simpo", 1024, True), ("simpo", 2048, False),
+                                                  ("simpo", 2048, True), ("dpo", 1024, True)]:
+                try:
+                    r = run(folder, method, length, checkpointing, args, device, peak)
+                    cells = f"{r['peak_gb']:.1f} | {r['step_s']:.2f} | {r['tokens_s']:.0f} | {r['mfu']:.1%}"
+                except torch.OutOfMemoryError:
+                    cells = "out of memory | - | - | -"
+                    torch.cuda.empty_cache()
+                print(f"| {arch} | {method} | {length} | {'on' if checkpointing else 'off'} | {cells} |", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""This framework against TRL's ``CPOTrainer(loss_type="simpo")`` on the same model, pairs, batch
+size, max_length, steps and threads; each configuration in its own process, TRL and ours alternating.
+
+    python benchmarks/vs_trl.py                                   # SmolLM2-135M, HH-RLHF, 12 steps × 4 pairs, fp32 and bf16
+    python benchmarks/vs_trl.py --precisions 32 --steps 6         # quicker
+    python benchmarks/vs_trl.py --tiny --steps 2                  # a 2-layer random model: checks the harness runs
+
+Data: the HH-RLHF file in ``../shared/data/`` (else the built-in demo), split into prompt / chosen /
+rejected strings, keeping the first ``steps × batch_size`` pairs in file order that fit ``max_length``
+without truncation, so every run trains once on exactly the same pairs. Ours uses its defaults for
+speed (chunked log-probs, shared-prompt pairs, length-grouped batches); TRL its own defaults.
+
+Prints per configuration: preference pairs per second and real tokens per second (pairs' non-padding
+tokens as the standard layout counts them, prompt once per response: 2·prompt + chosen + rejected,
+over all steps), median step time (first step excluded), peak resident memory of the process, model
+FLOPs utilisation (6 × parameters × real tokens per second over this CPU's matrix-multiply peak,
+measured here in the same run), and the ratios ours / TRL; then the padding each layout computes.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+# --------------------------------------------------------------------------- shared preparation
+
+
+def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[str, Path]:
+    """A float model folder and a JSONL of ``n_pairs`` standard-format pairs that fit ``max_length``."""
+    from simpo_lightning import demo
+    from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, _split_hh, read_source
+    from simpo_lightning.model import PolicyConfig, float_copy, load_tokenizer, resolve_source, save_random_model
+
+    if tiny:
+        model = str(workdir / "tiny-model")
+        save_random_model(model, TINY)
+    else:
+        model = float_copy(*resolve_source(PolicyConfig()))
+    if HH_FILE.is_file():
+        rows = []
+        for _, row in read_source(str(HH_FILE))[0]:
+            try:
+                prompt, chosen, rejected = _split_hh(row["chosen"], row["rejected"])
+            except Skip:
+                continue
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    else:
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in demo.rows("train")]
+    encode = PairEncoder(load_tokenizer(PolicyConfig(name_or_path=model)), Columns(), Truncation(max_length, None), "standard")
+    kept = []
+    for row in rows:
+        try:
+            pair = encode(row)
+        except Skip:
+            continue
+        if pair["chosen"][-1] == encode.tokenizer.eos_token_id and pair["rejected"][-1] == encode.tokenizer.eos_token_id:
+            kept.append(row)  # both responses whole: neither framework truncates
+        if len(kept) == n_pairs:
+            break
+    data = workdir / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return model, data
+
+
+def pair_lengths(model: str, data: Path, max_length: int) -> list[tuple[int, int, int]]:
+    from simpo_lightning.data import Columns, PairEncoder, Truncation
+    from simpo_lightning.model import PolicyConfig, load_tokenizer
+
+    encode = PairEncoder(load_tokenizer(PolicyConfig(name_or_path=model)), Columns(), Truncation(max_length, None), "standard")
+    pairs = [encode(json.loads(line)) for line in data.read_text().splitlines()]
+    return [(len(p["prompt"]), len(p["chosen"]), len(p["rejected"])) for p in pairs]
+
+
+def matmul_peak(dtype_name: str, threads: int) -> float:
+    """FLOP/s of a large square matrix product on this CPU (best of several)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype, n = getattr(torch, dtype_name), 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# --------------------------------------------------------------------------- workers (one process each)
+
+
+def worker_ours(spec: dict) -> dict:
+    import lightning as L
+    import torch
+
+    from simpo_lightning.data import PreferenceDataModule, Truncation
+    from simpo_lightning.model import LoraConfig, PolicyConfig
+    from simpo_lightning.module import LossConfig, SimPOModule
+
+    times = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *args):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            times.append(time.perf_counter() - self.start)
+
+    off = spec.get("without", "")
+    policy = PolicyConfig(name_or_path=spec["model"], gradient_checkpointing=spec.get("checkpointing", False))
+    module = SimPOModule(policy=policy, lora=LoraConfig() if spec["lora"] else None,
+                         loss=LossConfig(name=spec["method"]), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
+                         logits_chunk=None if off == "chunked-logps" else 1024)
+    data = PreferenceDataModule(train_data=spec["data"], val_data=spec["data"], format="standard", batch_size=spec["batch_size"],
+                                truncation=Truncation(spec["max_length"], None), cache_dir=None, shared_prompt=off != "shared-prompt",
+                                group_by_length=off != "grouping", tokenizer=module.tokenizer)
+    trainer = L.Trainer(accelerator="cpu", max_steps=spec["steps"], limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Timer()],
+                        precision="bf16-mixed" if spec["precision"] == "bf16" else "32-true")
+    trainer.fit(module, data)
+    return {"times": times, "params": sum(p.numel() for p in module.model.parameters())}
+
+
+def worker_trl(spec: dict) -> dict:
+    import datasets
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    args = CPOConfig(output_dir=spec["workdir"], loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0, learning_rate=1e-6,
+                     max_length=spec["max_length"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
+                     bf16=spec["precision"] == "bf16", use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+                     disable_tqdm=True, dataloader_num_workers=0)
+    trainer = CPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_json(spec["data"]),
+                         processing_class=AutoTokenizer.from_pretrained(spec["model"]), callbacks=[Timer()],
+                         peft_config=peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if spec["lora"] else None)
+    trainer.train()
+    return {"times": times, "params": sum(p.numel() for p in trainer.model.parameters())}
+
+
+def run_worker(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TRL_EXPERIMENTAL_SILENCE": "1"}
+    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
+    line = next((l for l in result.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if result.returncode != 0 or line is None:
+        raise SystemExit(f"{spec['name']} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def padding_report(lengths: list[tuple[int, int, int]], batch_size: int) -> str:
+    """Token positions each layout computes, for batches of ``batch_size`` pairs."""
+    from simpo_lightning.data import GlobalBatchSampler
+
+    real = sum(2 * p + c + r for p, c, r in lengths)
+
+    def standard(batches):  # chosen and rejected rows padded to one width (TRL's concatenated forward)
+        return sum(2 * len(b) * max(lengths[i][0] + max(lengths[i][1:]) for i in b) for b in batches)
+
+    def packed(batches):  # one [prompt, chosen, rejected] row per pair
+        return sum(len(b) * max(sum(lengths[i]) for i in b) for b in batches)
+
+    in_order = [list(range(s, min(s + batch_size, len(lengths)))) for s in range(0, len(lengths), batch_size)]
+    sampler = GlobalBatchSampler(len(lengths), batch_size, lengths=[sum(x) for x in lengths])
+    grouped = sampler._batches()
+    second_prompt = sum(p for p, _, _ in lengths)
+    rows = [("standard, file order (TRL)", standard(in_order)), ("standard, grouped by length", standard(grouped)),
+            ("shared prompt, file order", packed(in_order)), ("shared prompt, grouped by length (ours)", packed(grouped))]
+    lines = [f"\nPadding, {len(lengths)} pairs in batches of {batch_size}: real tokens (2·prompt + chosen + rejected) = {real}; "
+             f"the prompt's second copy is {second_prompt / real:.0%} of them.",
+             "| layout | positions computed | padding share | positions / TRL's |", "|---|---|---|---|"]
+    base = rows[0][1]
+    for name, computed in rows:
+        useful = real if name.startswith("standard") else real - second_prompt
+        lines.append(f"| {name} | {computed} | {1 - useful / computed:.0%} | {computed / base:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--precisions", nargs="+", default=["32", "bf16"], choices=["32", "bf16"])
+    parser.add_argument("--tunings", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    parser.add_argument("--tiny", action="store_true", help="2-layer random model (a check that the harness runs)")
+    parser.add_argument("--ablation", action="store_true", help="also ours without each speed-up in turn (full fine-tuning, float32)")
+    parser.add_argument("--checkpointing", action="store_true", help="also ours with gradient checkpointing")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        torch.manual_seed(0)
+        out = (worker_trl if spec["framework"] == "trl" else worker_ours)(spec)
+        out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="vs-trl-"))
+    model, data = prepare(workdir, args.tiny, args.steps * args.batch_size, args.max_length)
+    lengths = pair_lengths(model, data, args.max_length)
+    if len(lengths) < args.steps * args.batch_size:
+        raise SystemExit(f"only {len(lengths)} pairs fit max_length {args.max_length}")
+    real_tokens = sum(2 * p + c + r for p, c, r in lengths)
+    peaks = {p: matmul_peak("float32" if p == "32" else "bfloat16", args.threads) for p in args.precisions}
+    print(f"{len(lengths)} pairs from {HH_FILE.name if HH_FILE.is_file() else 'demo'}, {real_tokens} real tokens; "
+          f"{args.threads} threads; matmul peak " + ", ".join(f"{p}: {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
+
+    configs = []
+    for tuning in args.tunings:
+        for precision in args.precisions:
+            runs = [("trl", "simpo", "", False), ("ours", "simpo", "", False)]
+            if tuning == "full":
+                runs.append(("ours", "dpo", "", False))
+            if args.checkpointing:
+                runs += [("ours", "simpo", "", True)] + ([("ours", "dpo", "", True)] if tuning == "full" else [])
+            if tuning == "full" and precision == "32" and args.ablation:
+                runs += [("ours", "simpo", off, False) for off in ("chunked-logps", "shared-prompt", "grouping")]
+            for framework, method, off, checkpointing in runs:
+                name = (f"{tuning} {precision} {framework}{' dpo' if method == 'dpo' else ''}{' +checkpointing' if checkpointing else ''}"
+                        f"{f' without {off}' if off else ''}")
+                configs.append({"name": name, "framework": framework, "method": method, "without": off, "lora": tuning == "lora",
+                                "checkpointing": checkpointing,
+                                "precision": precision, "model": model, "data": str(data), "steps": args.steps,
+                                "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
+                                "workdir": str(workdir)})
+    results = {}
+    for spec in configs:
+        r = run_worker(spec)
+        total = sum(r["times"])
+        r.update(pairs_s=len(lengths) / total, tokens_s=real_tokens / total, step_s=statistics.median(r["times"][1:] or r["times"]),
+                 mfu=6 * r["params"] * real_tokens / total / peaks[spec["precision"]])
+        results[spec["name"]] = r
+        print(f"{spec['name']}: {r['pairs_s']:.3f} pairs/s, {r['step_s']:.2f} s/step, {r['peak_gb']:.2f} GB", flush=True)
+
+    lines = ["", "| configuration | pairs/s | real tokens/s | step s (median) | peak RSS GB | MFU | pairs/s ×TRL | RSS ×TRL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        trl = results.get(" ".join(name.split()[:2]) + " trl")
+        ratio = f"{r['pairs_s'] / trl['pairs_s']:.2f} | {r['peak_gb'] / trl['peak_gb']:.2f}" if trl else "- | -"
+        lines.append(f"| {name} | {r['pairs_s']:.3f} | {r['tokens_s']:.0f} | {r['step_s']:.2f} | {r['peak_gb']:.2f} | "
+                     f"{r['mfu']:.1%} | {ratio} |")
+    for precision in args.precisions:
+        for suffix in ("", " +checkpointing"):
+            simpo, dpo = results.get(f"full {precision} ours{suffix}"), results.get(f"full {precision} ours dpo{suffix}")
+            if simpo and dpo:
+                lines.append(f"\nfull {precision}{suffix}: SimPO / DPO (frozen reference copy) in this framework: peak memory "
+                             f"{simpo['peak_gb'] / dpo['peak_gb']:.2f}, time per pair {dpo['pairs_s'] / simpo['pairs_s']:.2f}")
+    print("\n".join(lines))
+    print(padding_report(lengths, args.batch_size))
+
+
+if __name__ == "__main__":
+    main()

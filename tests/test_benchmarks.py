@@ -1,0 +1,24 @@
+"""The benchmark scripts run (on a tiny model); their numbers are for people, not for tests."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks/vs_trl.py"), "--tiny", "--steps", "2", "--precisions", "32", "--tunings", "full"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| full 32")]
+    assert [row[0] for row in table] == ["| full 32 trl", "| full 32 ours", "| full 32 ours dpo"]
+    assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in table)  # pairs/s, peak RSS
+    assert "SimPO / DPO (frozen reference copy)" in result.stdout and "shared prompt, grouped by length (ours)" in result.stdout
+
+
+def test_gpu_7b_script_runs_on_cpu_at_tiny_size():
+    command = [sys.executable, str(ROOT / "benchmarks/gpu_7b.py"), "--cpu", "--tiny", "--steps", "1", "--warmup", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| mistral-7b") or line.startswith("| llama-3-8b")]
+    assert len(rows) == 10 and all(float(row[6]) > 0 for row in rows)  # tokens/s of every run
