@@ -12,7 +12,6 @@ Prints held-out reward accuracy and exact match before and after training, the m
 
 import argparse
 import csv
-import resource
 import statistics
 import subprocess
 import sys

@@ -17,17 +17,20 @@ peak measured in the same run (6N is the usual convention; LoRA does about 4N of
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from simpo_lightning.model import LoraConfig, PolicyConfig, load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_trl import matmul_peak  # noqa: E402
+
+from simpo_lightning.model import TINY_ARCHITECTURE, LoraConfig, PolicyConfig, load_tokenizer
 from simpo_lightning.module import LossConfig, SimPOModule
 
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
 def model_folder(name: str, tiny: bool, workdir: Path) -> str:
@@ -35,22 +38,9 @@ def model_folder(name: str, tiny: bool, workdir: Path) -> str:
     folder = workdir / name
     folder.mkdir()
     config = {k: v for k, v in json.loads((ARCHITECTURES / f"{name}.json").read_text()).items() if not k.startswith("_")}
-    (folder / "config.json").write_text(json.dumps({**config, **(TINY if tiny else {})}))
+    (folder / "config.json").write_text(json.dumps({**config, **(TINY_ARCHITECTURE if tiny else {})}))
     load_tokenizer(PolicyConfig()).save_pretrained(folder)
     return str(folder)
-
-
-def matmul_peak(device: torch.device) -> float:
-    n = 8192 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def sync(device: torch.device) -> None:
@@ -114,7 +104,7 @@ def main() -> None:
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU; use --cpu --tiny to check the script")
     device = torch.device("cpu" if args.cpu else "cuda")
-    peak = matmul_peak(device)
+    peak = matmul_peak("bfloat16", device.type, 8192 if device.type == "cuda" else 1024)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}: bf16 matmul peak measured {peak / 1e12:.1f} TFLOP/s; {args.pairs} pair(s) per step, LoRA r=16", flush=True)
     print("| architecture | method | tokens/seq | grad. checkpointing | peak GPU GB | step s | tokens/s | MFU (6N) |\n"

@@ -18,12 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from simpo_lightning.model import save_random_model
+from simpo_lightning.model import TINY_ARCHITECTURE, save_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # ~0.5 B parameters: big enough that quantization shows in memory, small enough to finish fast.
 GPU_SIZE = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4, head_dim=128)
-CPU_SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
 def runs(cpu: bool) -> dict[str, list[str]]:
@@ -51,14 +50,14 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4, help="preference pairs per step")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    save_random_model(workdir / "model", CPU_SIZE if args.cpu else GPU_SIZE)  # SmolLM2's architecture, resized
+    save_random_model(workdir / "model", TINY_ARCHITECTURE if args.cpu else GPU_SIZE)  # SmolLM2's architecture, resized
     common = ["--config", str(ROOT / "configs/tiny.yaml"), "--model.policy.name_or_path", str(workdir / "model"),
               "--model.policy.random_init", "false", "--model.policy.config_overrides", "{}",
               "--trainer.accelerator", "cpu" if args.cpu else "gpu", "--trainer.max_steps", str(args.steps),
               "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
               "--trainer.callbacks", json.dumps([{"class_path": "simpo_lightning.callbacks.PeakMemory"}]),
               "--data.batch_size", str(args.batch_size), "--data.cache_dir", str(workdir / "cache")]
-    print(f"| run | peak memory GB | s per step (incl. start-up) | status |\n|---|---|---|---|", flush=True)
+    print("| run | peak memory GB | s per step (incl. start-up) | status |\n|---|---|---|---|", flush=True)
     failed = 0
     for name, extra in runs(args.cpu).items():
         start = time.perf_counter()

@@ -30,7 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
 # --------------------------------------------------------------------------- shared preparation
@@ -40,11 +39,11 @@ def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[s
     """A float model folder and a JSONL of ``n_pairs`` standard-format pairs that fit ``max_length``."""
     from simpo_lightning import demo
     from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, _split_hh, read_source
-    from simpo_lightning.model import PolicyConfig, float_copy, load_tokenizer, resolve_source, save_random_model
+    from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, float_copy, load_tokenizer, resolve_source, save_random_model
 
     if tiny:
         model = str(workdir / "tiny-model")
-        save_random_model(model, TINY)
+        save_random_model(model, TINY_ARCHITECTURE)
     else:
         model = float_copy(*resolve_source(PolicyConfig()))
     if HH_FILE.is_file():
@@ -82,17 +81,19 @@ def pair_lengths(model: str, data: Path, max_length: int) -> list[tuple[int, int
     return [(len(p["prompt"]), len(p["chosen"]), len(p["rejected"])) for p in pairs]
 
 
-def matmul_peak(dtype_name: str, threads: int) -> float:
-    """FLOP/s of a large square matrix product on this CPU (best of several)."""
+def matmul_peak(dtype_name: str, device: str = "cpu", n: int = 2048) -> float:
+    """FLOP/s of an ``n``-square matrix product on ``device`` (best of five)."""
     import torch
 
-    torch.set_num_threads(threads)
-    dtype, n = getattr(torch, dtype_name), 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     best = float("inf")
-    for _ in range(4):
+    for _ in range(5):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -230,7 +231,10 @@ def main() -> None:
     if len(lengths) < args.steps * args.batch_size:
         raise SystemExit(f"only {len(lengths)} pairs fit max_length {args.max_length}")
     real_tokens = sum(2 * p + c + r for p, c, r in lengths)
-    peaks = {p: matmul_peak("float32" if p == "32" else "bfloat16", args.threads) for p in args.precisions}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    peaks = {p: matmul_peak("float32" if p == "32" else "bfloat16") for p in args.precisions}
     print(f"{len(lengths)} pairs from {HH_FILE.name if HH_FILE.is_file() else 'demo'}, {real_tokens} real tokens; "
           f"{args.threads} threads; matmul peak " + ", ".join(f"{p}: {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
 

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = "~/.cache/simpo-lightning"
+# A 2-layer shrink of the default architecture, for tests and benchmark smoke runs (configs/tiny.yaml spells it out).
+TINY_ARCHITECTURE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16)
 
 
 @dataclass

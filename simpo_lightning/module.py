@@ -160,11 +160,13 @@ class SimPOModule(L.LightningModule):
     def sequence_stats(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Summed response log-prob (``sum_logps``), response length (``lengths``) and mean logit over
         response positions (``logits``) of each right-padded sequence, all ``[N]``."""
-        if self._chunked(model):
+        head = self._chunked_head(model)
+        if head is not None:
             scored = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
             rows, positions = scored.nonzero(as_tuple=True)
             index = rows * labels.shape[1] + positions
-            logps, mean_logit = self._flat_logps(model, index, labels[:, 1:][scored], input_ids=input_ids, attention_mask=attention_mask)
+            logps, mean_logit = self._flat_logps(model, head, index, labels[:, 1:][scored], input_ids=input_ids,
+                                                 attention_mask=attention_mask)
             return _per_sequence(logps, mean_logit, rows, len(input_ids))
         # Only positions that predict a response token need logits: skipping the output head over the
         # rest of the prompt saves most of its cost (by FLOPs the head is a fifth of SmolLM2's forward).
@@ -188,7 +190,8 @@ class SimPOModule(L.LightningModule):
         key, query = segments[:, None, :], segments[:, :, None]
         visible = causal & ((key == 0) | (key == query)) & (key >= 0)
         visible |= torch.eye(width, dtype=torch.bool, device=segments.device)  # padding rows see themselves, not nothing
-        logps, mean_logit = self._flat_logps(model, batch["packed_index"], batch["packed_targets"], input_ids=batch["packed_input_ids"],
+        logps, mean_logit = self._flat_logps(model, self._chunked_head(model), batch["packed_index"], batch["packed_targets"],
+                                             input_ids=batch["packed_input_ids"],
                                              attention_mask=visible[:, None], position_ids=batch["packed_position_ids"])
         return _per_sequence(logps, mean_logit, batch["packed_sequence"], 2 * len(segments))
 
@@ -198,17 +201,19 @@ class SimPOModule(L.LightningModule):
             return self.packed_stats(model, batch)
         return self.sequence_stats(model, **_concat(batch, ("chosen", "rejected")))
 
-    def _chunked(self, model: nn.Module) -> bool:
-        return bool(self.logits_chunk) and self.device_mesh is None and decoder_and_head(model) is not None
+    def _chunked_head(self, model: nn.Module) -> tuple[nn.Module, Tensor] | None:
+        """``decoder_and_head(model)`` where the chunked path applies, else None."""
+        return decoder_and_head(model) if self.logits_chunk and self.device_mesh is None else None
 
-    def _flat_logps(self, model: nn.Module, index: Tensor, targets: Tensor, **inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def _flat_logps(self, model: nn.Module, head: tuple[nn.Module, Tensor] | None, index: Tensor, targets: Tensor,
+                    **inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Log-prob of ``targets`` ``[M]`` predicted at flat positions ``index`` ``[M]`` (row * width + position)
-        of the model's output, and the mean logit there (no gradient). With ``logits_chunk`` the logits
-        exist a chunk at a time (``label_logps``), else the model's full logits are computed."""
-        if self._chunked(model):
-            decoder, head = decoder_and_head(model)
+        of the model's output, and the mean logit there (no gradient). Given ``head`` (decoder, head weight)
+        the logits exist a chunk at a time (``label_logps``), else the model's full logits are computed."""
+        if head is not None:
+            decoder, weight = head
             hidden = decoder(**inputs).last_hidden_state
-            return label_logps(hidden.flatten(0, 1)[index], head, targets, self.logits_chunk)
+            return label_logps(hidden.flatten(0, 1)[index], weight, targets, self.logits_chunk)
         logits = model(**inputs).logits.flatten(0, 1)[index].float()
         logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         return logps, logits.detach().mean(-1)

@@ -2,14 +2,18 @@
 tiny random Llama built from a config, saved once per session as an ordinary model folder."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from simpo_lightning.model import TINY_ARCHITECTURE
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, max_position_embeddings=1024)
+TINY = {**TINY_ARCHITECTURE, "max_position_embeddings": 1024}
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +30,16 @@ def tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def run_command(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """The real ``simpo-lightning`` command in a subprocess, without W&B settings or ~/.netrc (HOME is
+    ``cwd``), so W&B must fall back to offline by itself; ``check`` asserts exit status 0."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(cwd)} | env
+    command = [str(Path(sys.executable).with_name("simpo-lightning")), *args]
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+    assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -1,17 +1,13 @@
 """The shipped configs and the real `simpo-lightning` command."""
 
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from simpo_lightning.cli import cli_main
 
-from conftest import ROOT, wandb_history
+from conftest import ROOT, run_command as run, wandb_history
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 REAL_USE = [c for c in CONFIGS if c.parent.name != "configs"]  # configs/<model>/<setup>.yaml
@@ -66,15 +62,6 @@ def test_bad_config_value_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit:
         cli_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.loss.loss_type", "cubic"])
     assert exit.value.code != 0 and "loss_type" in capsys.readouterr().err
-
-
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env["HOME"] = str(cwd)  # no ~/.netrc: W&B must fall back to offline by itself
-    command = [str(Path(sys.executable).with_name("simpo-lightning")), *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def test_fit_validate_test_end_to_end(tmp_path):

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from simpo_lightning.cli import cli_main
 
-from conftest import ROOT
+from conftest import ROOT, run_command
 
 
 class Interrupt(Callback):
@@ -62,12 +61,6 @@ def test_resume_after_interruption_continues_the_same_loss_curve(tiny_dir, tmp_p
         assert value == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
 
 
-def simpo_lightning(args: list[str], cwd: Path) -> None:
-    command = [str(Path(sys.executable).with_name("simpo-lightning")), *args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.parametrize("config, extra", [("tiny.yaml", []),  # SimPO with LoRA
                                            ("dpo.yaml", ["--model.lora", "null"])],  # full weights, sharded frozen reference
                          ids=["simpo-lora", "dpo-full"])
@@ -75,10 +68,10 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     """ModelParallelStrategy (FSDP2, gloo on CPU), 2 processes × 2 pairs against 1 process × 4 pairs."""
     common = tiny_args(tiny_dir, tmp_path, *extra, "--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1",
                        "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", config=config)
-    simpo_lightning(["fit", *common, "--data.batch_size", "4"], tmp_path)
+    run_command(["fit", *common, "--data.batch_size", "4"], tmp_path)
     strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
-    simpo_lightning(["fit", *common, "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+    run_command(["fit", *common, "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                      "--trainer.strategy", json.dumps(strategy)], tmp_path)
     one, two = losses(tmp_path / "run/version_0/metrics.csv"), losses(tmp_path / "run/version_1/metrics.csv")
     assert sorted(one) == sorted(two) == list(range(5))
@@ -116,7 +109,7 @@ def test_quantization_errors_are_clear(tiny_dir, tmp_path):
 
 
 def export_cli(tmp_path: Path, *args: str) -> None:
-    simpo_lightning(["export", *args], tmp_path)
+    run_command(["export", *args], tmp_path)
 
 
 def trained_and_exported_logits(cli, folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,13 +177,12 @@ def test_two_process_fsdp2_resume_continues_the_same_loss_curve(tiny_dir, tmp_pa
                   "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}
     common = tiny_args(tiny_dir, tmp_path, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1", "--data.batch_size", "2",
                        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", json.dumps(strategy))
-    simpo_lightning(["fit", *common, "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"], tmp_path)
+    run_command(["fit", *common, "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"], tmp_path)
     interrupt = {"class_path": "test_scale.Interrupt", "init_args": {"step": 4}}
-    command = [str(Path(sys.executable).with_name("simpo-lightning")), "fit", *common, "--trainer.callbacks", json.dumps([checkpoint, interrupt])]
-    interrupted = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    interrupted = run_command(["fit", *common, "--trainer.callbacks", json.dumps([checkpoint, interrupt])], tmp_path,
+                              check=False, PYTHONPATH=str(ROOT / "tests"))
     assert interrupted.returncode != 0 and (tmp_path / "run/version_1/checkpoints/last.ckpt").is_dir()  # sharded: a folder
-    simpo_lightning(["fit", *common, "--trainer.callbacks", json.dumps([checkpoint]), "--ckpt_path", "last"], tmp_path)
+    run_command(["fit", *common, "--trainer.callbacks", json.dumps([checkpoint]), "--ckpt_path", "last"], tmp_path)
     straight, resumed = losses(tmp_path / "run/version_0/metrics.csv"), losses(tmp_path / "run/version_2/metrics.csv")
     assert sorted(resumed) == [3, 4, 5]
     for step, value in resumed.items():
