@@ -3,18 +3,23 @@ size, max_length, steps and threads; each configuration in its own process, TRL 
 
     python benchmarks/vs_trl.py                                   # SmolLM2-135M, HH-RLHF, 12 steps × 4 pairs, fp32 and bf16
     python benchmarks/vs_trl.py --precisions 32 --steps 6         # quicker
+    python benchmarks/vs_trl.py --tunings full --lean             # also the memory-lean settings
     python benchmarks/vs_trl.py --tiny --steps 2                  # a 2-layer random model: checks the harness runs
 
 Data: the HH-RLHF file in ``../shared/data/`` (else the built-in demo), split into prompt / chosen /
 rejected strings, keeping the first ``steps × batch_size`` pairs in file order that fit ``max_length``
 without truncation, so every run trains once on exactly the same pairs. Ours uses its defaults for
-speed (chunked log-probs, shared-prompt pairs, length-grouped batches); TRL its own defaults.
+speed (chunked log-probs, shared-prompt pairs, length-grouped batches); TRL its own defaults. Both use
+fused AdamW (TRL's default optimizer) and clip gradients at norm 1 (TRL's default), except ``+lean``:
+gradient checkpointing, each parameter stepped in the backward pass (no clipping possible) and freed
+memory returned to the OS (``ReturnFreedMemory``); ``trl +freed-memory`` gives TRL the same allocator
+setting, to show how much of the memory difference is the allocator alone.
 
 Prints per configuration: preference pairs per second and real tokens per second (pairs' non-padding
 tokens as the standard layout counts them, prompt once per response: 2·prompt + chosen + rejected,
 over all steps), median step time (first step excluded), peak resident memory of the process, model
 FLOPs utilisation (6 × parameters × real tokens per second over this CPU's matrix-multiply peak,
-measured here in the same run), and the ratios ours / TRL; then the padding each layout computes.
+measured in the same run before every configuration; the highest value counts), and the ratios ours / TRL; then the padding each layout computes.
 """
 
 import argparse
@@ -105,6 +110,7 @@ def worker_ours(spec: dict) -> dict:
     import lightning as L
     import torch
 
+    from simpo_lightning.callbacks import ReturnFreedMemory
     from simpo_lightning.data import PreferenceDataModule, Truncation
     from simpo_lightning.model import LoraConfig, PolicyConfig
     from simpo_lightning.module import LossConfig, SimPOModule
@@ -118,16 +124,19 @@ def worker_ours(spec: dict) -> dict:
         def on_train_batch_end(self, *args):
             times.append(time.perf_counter() - self.start)
 
-    off = spec.get("without", "")
-    policy = PolicyConfig(name_or_path=spec["model"], gradient_checkpointing=spec.get("checkpointing", False))
-    module = SimPOModule(policy=policy, lora=LoraConfig() if spec["lora"] else None,
-                         loss=LossConfig(name=spec["method"]), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
-                         logits_chunk=None if off == "chunked-logps" else 1024)
+    off, variant = spec.get("without", ""), spec.get("variant", "")
+    lean = variant == "lean"
+    policy = PolicyConfig(name_or_path=spec["model"], gradient_checkpointing=variant in ("checkpointing", "lean"))
+    module = SimPOModule(policy=policy, lora=LoraConfig() if spec["lora"] else None, loss=LossConfig(name=spec["method"]),
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, fused=True),  # TRL's default optimizer
+                         logits_chunk=None if off == "chunked-logps" else 1024, optimizer_in_backward=lean)
     data = PreferenceDataModule(train_data=spec["data"], val_data=spec["data"], format="standard", batch_size=spec["batch_size"],
                                 truncation=Truncation(spec["max_length"], None), cache_dir=None, shared_prompt=off != "shared-prompt",
                                 group_by_length=off != "grouping", tokenizer=module.tokenizer)
     trainer = L.Trainer(accelerator="cpu", max_steps=spec["steps"], limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Timer()],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Timer()] + ([ReturnFreedMemory()] if lean else []),
+                        gradient_clip_val=None if lean else 1.0,  # TRL's default max_grad_norm; lean steps in backward
                         precision="bf16-mixed" if spec["precision"] == "bf16" else "32-true")
     trainer.fit(module, data)
     return {"times": times, "params": sum(p.numel() for p in module.model.parameters())}
@@ -140,6 +149,10 @@ def worker_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
+    if spec.get("variant") == "freed-memory":
+        from simpo_lightning.callbacks import return_freed_memory
+
+        return_freed_memory()
     times = []
 
     class Timer(TrainerCallback):
@@ -212,6 +225,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="2-layer random model (a check that the harness runs)")
     parser.add_argument("--ablation", action="store_true", help="also ours without each speed-up in turn (full fine-tuning, float32)")
     parser.add_argument("--checkpointing", action="store_true", help="also ours with gradient checkpointing")
+    parser.add_argument("--lean", action="store_true", help="also ours lean (gradient checkpointing, optimizer step in "
+                        "backward, freed memory returned to the OS; no clipping) and TRL with freed memory returned")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -234,38 +249,56 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    peaks = {p: matmul_peak("float32" if p == "32" else "bfloat16") for p in args.precisions}
+    # This machine's matmul rate varies between moments (bf16 by up to 3x, with AMX), so it is measured
+    # before every configuration and MFU is reported against the highest value seen: a conservative MFU.
+    samples = {p: [] for p in args.precisions}
+
+    def measure_peaks() -> None:
+        for p in args.precisions:
+            samples[p].append(matmul_peak("float32" if p == "32" else "bfloat16"))
+
     print(f"{len(lengths)} pairs from {HH_FILE.name if HH_FILE.is_file() else 'demo'}, {real_tokens} real tokens; "
-          f"{args.threads} threads; matmul peak " + ", ".join(f"{p}: {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
+          f"{args.threads} threads", flush=True)
 
     configs = []
     for tuning in args.tunings:
         for precision in args.precisions:
-            runs = [("trl", "simpo", "", False), ("ours", "simpo", "", False)]
+            runs = [("trl", "simpo", "", ""), ("ours", "simpo", "", "")]
             if tuning == "full":
-                runs.append(("ours", "dpo", "", False))
-            if args.checkpointing:
-                runs += [("ours", "simpo", "", True)] + ([("ours", "dpo", "", True)] if tuning == "full" else [])
+                runs.append(("ours", "dpo", "", ""))
+            for variant, wanted in (("checkpointing", args.checkpointing), ("lean", args.lean)):
+                if wanted:
+                    runs += [("ours", "simpo", "", variant)] + ([("ours", "dpo", "", variant)] if tuning == "full" else [])
+            if args.lean:
+                runs.append(("trl", "simpo", "", "freed-memory"))
             if tuning == "full" and precision == "32" and args.ablation:
-                runs += [("ours", "simpo", off, False) for off in ("chunked-logps", "shared-prompt", "grouping")]
-            for framework, method, off, checkpointing in runs:
-                name = (f"{tuning} {precision} {framework}{' dpo' if method == 'dpo' else ''}{' +checkpointing' if checkpointing else ''}"
+                runs += [("ours", "simpo", off, "") for off in ("chunked-logps", "shared-prompt", "grouping")]
+            for framework, method, off, variant in runs:
+                name = (f"{tuning} {precision} {framework}{' dpo' if method == 'dpo' else ''}{f' +{variant}' if variant else ''}"
                         f"{f' without {off}' if off else ''}")
                 configs.append({"name": name, "framework": framework, "method": method, "without": off, "lora": tuning == "lora",
-                                "checkpointing": checkpointing,
+                                "variant": variant,
                                 "precision": precision, "model": model, "data": str(data), "steps": args.steps,
                                 "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
                                 "workdir": str(workdir)})
     results = {}
     for spec in configs:
+        measure_peaks()
         r = run_worker(spec)
         total = sum(r["times"])
         r.update(pairs_s=len(lengths) / total, tokens_s=real_tokens / total, step_s=statistics.median(r["times"][1:] or r["times"]),
-                 mfu=6 * r["params"] * real_tokens / total / peaks[spec["precision"]])
+                 flops_s=6 * r["params"] * real_tokens / total)
         results[spec["name"]] = r
         print(f"{spec['name']}: {r['pairs_s']:.3f} pairs/s, {r['step_s']:.2f} s/step, {r['peak_gb']:.2f} GB", flush=True)
+    measure_peaks()
+    peaks = {p: max(v) for p, v in samples.items()}
+    for r, spec in zip(results.values(), configs):
+        r["mfu"] = r["flops_s"] / peaks[spec["precision"]]
 
-    lines = ["", "| configuration | pairs/s | real tokens/s | step s (median) | peak RSS GB | MFU | pairs/s ×TRL | RSS ×TRL |",
+    lines = ["", "Matmul peak (GFLOP/s, 2048² product, best of 5, measured before each configuration and at the end): "
+             + "; ".join(f"{p}: max {max(v) / 1e9:.0f}, median {statistics.median(v) / 1e9:.0f}, min {min(v) / 1e9:.0f}"
+                         for p, v in samples.items()) + ". MFU is against the max.",
+             "", "| configuration | pairs/s | real tokens/s | step s (median) | peak RSS GB | MFU | pairs/s ×TRL | RSS ×TRL |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         trl = results.get(" ".join(name.split()[:2]) + " trl")
@@ -273,7 +306,7 @@ def main() -> None:
         lines.append(f"| {name} | {r['pairs_s']:.3f} | {r['tokens_s']:.0f} | {r['step_s']:.2f} | {r['peak_gb']:.2f} | "
                      f"{r['mfu']:.1%} | {ratio} |")
     for precision in args.precisions:
-        for suffix in ("", " +checkpointing"):
+        for suffix in ("", " +checkpointing", " +lean"):
             simpo, dpo = results.get(f"full {precision} ours{suffix}"), results.get(f"full {precision} ours dpo{suffix}")
             if simpo and dpo:
                 lines.append(f"\nfull {precision}{suffix}: SimPO / DPO (frozen reference copy) in this framework: peak memory "

@@ -61,18 +61,18 @@ class _LabelLogps(torch.autograd.Function):
             lse[s : s + chunk] = logits.logsumexp(-1)
             logps[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
             mean_logit[s : s + chunk] = logits.mean(-1)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.save_for_backward(hidden, w, targets, lse)  # w: the cast head, kept rather than cast again
+        ctx.chunk, ctx.dtype, ctx.weight_dtype = chunk, dtype, weight.dtype
         ctx.mark_non_differentiable(mean_logit)
         return logps, mean_logit
 
     @staticmethod
     def backward(ctx, grad: Tensor, _):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, w, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        w, acc = weight.to(ctx.dtype), lse.dtype
+        acc = lse.dtype
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_weight = None
         for s in range(0, len(hidden), ctx.chunk):
             h, g = hidden[s : s + ctx.chunk].to(ctx.dtype), grad[s : s + ctx.chunk, None]
             # d logp[y] / d logits = onehot(y) - softmax(logits)
@@ -82,8 +82,9 @@ class _LabelLogps(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[s : s + ctx.chunk] = d @ w
             if need_weight:
-                grad_weight += (d.T @ h).to(acc)
-        return grad_hidden, grad_weight.to(weight.dtype) if need_weight else None, None, None, None
+                part = (d.T @ h).to(acc)
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        return grad_hidden, grad_weight.to(ctx.weight_dtype) if need_weight else None, None, None, None
 
 
 def label_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ from simpo_lightning.losses import LOSSES, Method, kto_kl
 from simpo_lightning.model import (
     LoraConfig, PolicyConfig, QuantizationConfig, build_policy, decoder_and_head, load_tokenizer, shard,
 )
+from simpo_lightning.optim import OptimizerInBackward
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class SimPOModule(L.LightningModule):
             full-vocabulary logits of the batch never exist (forward or backward); null computes the
             model's full logits instead (also used where the head is not a plain linear layer, and
             under ModelParallelStrategy).
+        optimizer_in_backward: step each parameter as soon as its gradient is complete and free the
+            gradient (``OptimizerInBackward``): saves the memory of all gradients at once. One process
+            only, and no gradient clipping, accumulation or 16-mixed precision.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class SimPOModule(L.LightningModule):
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         max_nonfinite_steps: int = 10,
         logits_chunk: int | None = 1024,
+        optimizer_in_backward: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])  # for the record: it stores dataclasses as dicts
@@ -427,7 +432,11 @@ class SimPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
+        if self.hparams.optimizer_in_backward:
+            self._check_in_backward()
+            optimizer = OptimizerInBackward(params, self.optimizer)
+        else:
+            optimizer = self.optimizer(params)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.hparams.warmup_ratio * total)
         schedule = self.hparams.lr_schedule
@@ -440,6 +449,40 @@ class SimPOModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clipping by global norm where Lightning's own path refuses two setups the configs use:
+        FSDPStrategy (sharded gradients need the FSDP root's ``clip_grad_norm_``) and a fused optimizer
+        under bf16-mixed (Lightning guards against float16 loss scaling, which bfloat16 does not use)."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            root = self.trainer.strategy.model
+            if isinstance(root, FullyShardedDataParallel):
+                root.clip_grad_norm_(gradient_clip_val)
+                return
+            if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _check_in_backward(self) -> None:
+        trainer = self.trainer
+        conflicts = {"more than one process": trainer.world_size > 1,
+                     "trainer.accumulate_grad_batches > 1": trainer.accumulate_grad_batches > 1,
+                     "trainer.gradient_clip_val": bool(trainer.gradient_clip_val),
+                     "precision 16-mixed (loss scaling)": str(trainer.precision).startswith("16")}
+        found = [name for name, present in conflicts.items() if present]
+        if found:
+            raise ValueError(f"model.optimizer_in_backward needs every gradient only once, at its own step; it cannot "
+                             f"be combined with {', '.join(found)}")
+
+    def on_train_end(self) -> None:
+        for optimizer in self.trainer.optimizers:
+            if isinstance(optimizer, OptimizerInBackward):
+                optimizer.remove_hooks()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Sharded (distributed) checkpoints keep every key: their loader expects the model's full state dict.

@@ -7,11 +7,13 @@ from conftest import ROOT
 
 
 def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks/vs_trl.py"), "--tiny", "--steps", "2", "--precisions", "32", "--tunings", "full"]
+    command = [sys.executable, str(ROOT / "benchmarks/vs_trl.py"), "--tiny", "--steps", "2", "--precisions", "32", "--tunings", "full",
+               "--lean"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| full 32")]
-    assert [row[0] for row in table] == ["| full 32 trl", "| full 32 ours", "| full 32 ours dpo"]
+    assert [row[0] for row in table] == ["| full 32 trl", "| full 32 ours", "| full 32 ours dpo", "| full 32 ours +lean",
+                                         "| full 32 ours dpo +lean", "| full 32 trl +freed-memory"]
     assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in table)  # pairs/s, peak RSS
     assert "SimPO / DPO (frozen reference copy)" in result.stdout and "shared prompt, grouped by length (ours)" in result.stdout
 

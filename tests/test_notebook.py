@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import nbformat
 from nbclient import NotebookClient
 
