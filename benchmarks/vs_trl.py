@@ -292,8 +292,8 @@ def main() -> None:
         print(f"{spec['name']}: {r['pairs_s']:.3f} pairs/s, {r['step_s']:.2f} s/step, {r['peak_gb']:.2f} GB", flush=True)
     measure_peaks()
     peaks = {p: max(v) for p, v in samples.items()}
-    for r, spec in zip(results.values(), configs):
-        r["mfu"] = r["flops_s"] / peaks[spec["precision"]]
+    for spec in configs:
+        results[spec["name"]]["mfu"] = results[spec["name"]]["flops_s"] / peaks[spec["precision"]]
 
     lines = ["", "Matmul peak (GFLOP/s, 2048² product, best of 5, measured before each configuration and at the end): "
              + "; ".join(f"{p}: max {max(v) / 1e9:.0f}, median {statistics.median(v) / 1e9:.0f}, min {min(v) / 1e9:.0f}"

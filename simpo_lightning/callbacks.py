@@ -135,8 +135,9 @@ class ReturnFreedMemory(L.Callback):
     later activations, logits chunks and gradients of varying sizes come from its heap, which
     fragments and is rarely returned: on SmolLM2-135M full fine-tuning (batch 4, 512 tokens, gradient
     checkpointing, optimizer in backward) the process's peak resident memory was 3.4 GB with the
-    default and 2.4 GB with a fixed 1 MiB threshold, at about the same step time (README, Performance). Each block of at
-    least ``threshold_mb`` then costs fresh page faults. Without glibc this warns and does nothing.
+    default and 2.4 GB with a fixed 1 MiB threshold, at about the same step time (README,
+    Performance). Each block of at least ``threshold_mb`` then costs fresh page faults. Without
+    glibc this warns and does nothing.
     """
 
     def __init__(self, threshold_mb: int = 1):

@@ -46,9 +46,7 @@ def test_every_method_fits_through_the_command(name, tiny_dir, tmp_path):
     assert ("train/kl" in last) == (name == "kto")
 
 
-@pytest.mark.parametrize("name", ["simpo", "dpo"])
-def test_shared_prompt_training_gives_the_separate_sequences_loss_curve(name, tiny_dir):
-    """Full fine-tuning, so DPO's frozen reference scores the packed batches too."""
+def loss_curves_without_and_with_shared_prompt(tiny_dir, name: str) -> list[list[float]]:
     curves = []
     for shared in (False, True):
         L.seed_everything(0)
@@ -57,19 +55,19 @@ def test_shared_prompt_training_gives_the_separate_sequences_loss_curve(name, ti
         module.on_train_batch_end = lambda outputs, *_: losses.append(outputs["loss"].item())
         trainer(limit_val_batches=0).fit(module, data)
         curves.append(losses)
+    return curves
+
+
+@pytest.mark.parametrize("name", ["simpo", "dpo"])
+def test_shared_prompt_training_gives_the_separate_sequences_loss_curve(name, tiny_dir):
+    """Full fine-tuning, so DPO's frozen reference scores the packed batches too."""
+    curves = loss_curves_without_and_with_shared_prompt(tiny_dir, name)
     assert len(curves[0]) == 3 and len(set(curves[0])) == 3
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 
 def test_kto_trains_on_shared_prompt_batches_with_their_separate_sequences(tiny_dir):
-    curves = []
-    for shared in (False, True):
-        L.seed_everything(0)
-        module, data = module_and_data(tiny_dir, "kto", shared_prompt=shared)
-        losses = []
-        module.on_train_batch_end = lambda outputs, *_: losses.append(outputs["loss"].item())
-        trainer(limit_val_batches=0).fit(module, data)
-        curves.append(losses)
+    curves = loss_curves_without_and_with_shared_prompt(tiny_dir, "kto")
     assert len(curves[1]) == 3 and curves[1] == curves[0]
 
 

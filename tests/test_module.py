@@ -117,13 +117,16 @@ def test_lora_checkpoint_holds_only_adapters_and_resumes(tiny_dir, tmp_path):
 
 
 class GradientsHeld(L.Callback):
-    """Records, after each training batch, how many trainable parameters still hold a gradient."""
+    """Records, after each training batch (gradients are kept until the next step), how many trainable
+    parameters still hold a gradient and the global norm of those gradients."""
 
     def __init__(self):
-        self.counts = []
+        self.counts, self.norms = [], []
 
     def on_train_batch_end(self, trainer, module, *args) -> None:
-        self.counts.append(sum(p.grad is not None for p in module.parameters() if p.requires_grad))
+        grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+        self.counts.append(len(grads))
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() if grads else 0.0)
 
 
 def in_backward_run(tiny_dir, in_backward: bool, steps: int, ckpt_path=None, **trainer_kwargs):
@@ -199,15 +202,10 @@ def test_return_freed_memory_gives_freed_tensors_back_to_the_os():
 
 def test_gradient_clipping_works_with_a_fused_optimizer_under_bf16(tiny_dir):
     """Lightning refuses this combination (a guard for float16 loss scaling); the module clips itself."""
-    norms = []
-
-    class Norms(L.Callback):
-        def on_train_batch_end(self, trainer, module, *_) -> None:  # gradients are kept until the next step
-            grads = [p.grad.norm() for p in module.parameters() if p.grad is not None]
-            norms.append(torch.linalg.vector_norm(torch.stack(grads)).item())
-
+    held = GradientsHeld()
     module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=None,
                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True))
     data = PreferenceDataModule(batch_size=4, tokenizer=module.tokenizer, cache_dir=None)
-    trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed", gradient_clip_val=0.01, callbacks=[Norms()]).fit(module, data)
+    trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed", gradient_clip_val=0.01, callbacks=[held]).fit(module, data)
+    norms = held.norms
     assert len(norms) == 3 and all(n == pytest.approx(0.01, rel=1e-3) for n in norms), norms
