@@ -1,17 +1,18 @@
 """SimPO LoRA steps on randomly initialised 7B/8B models, on one NVIDIA GPU, in under 8 minutes.
 
     python benchmarks/gpu_7b.py                  # Mistral-7B and Llama-3-8B architectures, bfloat16
-    python benchmarks/gpu_7b.py --cpu --tiny     # the same runs on a 2-layer shrink of each, on CPU (the test)
+    python benchmarks/gpu_7b.py --cpu --tiny --lengths 64 128  # a 2-layer shrink of each, short, on CPU (the test)
 
 The architectures are the public configs in ``benchmarks/architectures/`` (no weights are
 downloaded: the weights are random, which changes nothing about time or memory). Each run builds
 ``SimPOModule`` with LoRA r=16 on all linear layers and times ``steps`` optimizer steps of its real
 training step (``module.step``, backward, AdamW) on batches of ``pairs`` random pairs whose chosen and
-rejected sequences are each ``length`` tokens (half prompt), under bfloat16 autocast; for 1024 and
+rejected sequences are each ``length`` tokens (half prompt), under bfloat16 autocast (float32 on a CPU
+without bfloat16 units, where bfloat16 products are emulated about 80 times slower); for 1024 and
 2048 tokens, with and without gradient checkpointing, and DPO (reference = adapters disabled) at
 1024. Prints peak GPU memory (``max_memory_allocated``), real tokens per second (2 × length per
-pair) and model FLOPs utilisation: 6 × parameters × tokens per second over the bf16 matrix-multiply
-peak measured in the same run (6N is the usual convention; LoRA does about 4N of real work).
+pair) and model FLOPs utilisation against the matrix-multiply peak measured in the same run
+(``peak.py``: 4N FLOPs per token for LoRA's frozen base plus 2 per trainable weight).
 """
 
 import argparse
@@ -25,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl import matmul_peak  # noqa: E402
+from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes  # noqa: E402
 
-from simpo_lightning.model import TINY_ARCHITECTURE, LoraConfig, PolicyConfig, load_tokenizer
+from simpo_lightning.model import TINY_ARCHITECTURE, LoraConfig, PolicyConfig, fast_bf16, load_tokenizer
 from simpo_lightning.module import LossConfig, SimPOModule
 
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
@@ -59,13 +60,16 @@ def random_batch(pairs: int, length: int, vocab: int, device: torch.device) -> d
     return batch
 
 
-def run(folder: str, method: str, length: int, checkpointing: bool, args, device: torch.device, peak: float) -> dict:
-    policy = PolicyConfig(name_or_path=folder, random_init=True, dtype="bfloat16", gradient_checkpointing=checkpointing)
+def run(folder: str, method: str, length: int, checkpointing: bool, args, device: torch.device, peak: float,
+        dtype: torch.dtype) -> dict:
+    policy = PolicyConfig(name_or_path=folder, random_init=True, dtype=str(dtype).removeprefix("torch."),
+                          gradient_checkpointing=checkpointing)
     module = SimPOModule(policy=policy, lora=LoraConfig(r=16, alpha=32), loss=LossConfig(name=method))
     with torch.device(device):
         module.configure_model()
     module.to(device)
     params = sum(p.numel() for p in module.model.parameters())
+    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     vocab = module.model.config.vocab_size
     if device.type == "cuda":
@@ -75,7 +79,7 @@ def run(folder: str, method: str, length: int, checkpointing: bool, args, device
         batch = random_batch(args.pairs, length, vocab, device)
         sync(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss, _ = module.step(batch)
         loss.backward()
         optimizer.step()
@@ -89,7 +93,8 @@ def run(folder: str, method: str, length: int, checkpointing: bool, args, device
     del module, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"params_b": params / 1e9, "step_s": seconds, "tokens_s": tokens, "peak_gb": memory, "mfu": 6 * params * tokens / peak}
+    return {"params_b": params / 1e9, "step_s": seconds, "tokens_s": tokens, "peak_gb": memory,
+            "mfu": mfu_cell(model_flops_per_token(params, trainable) * tokens, peak)}
 
 
 def main() -> None:
@@ -100,25 +105,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--architectures", nargs="+", default=["mistral-7b", "llama-3-8b"])
+    parser.add_argument("--lengths", nargs=2, type=int, default=[1024, 2048], help="the two sequence lengths (tokens)")
     args = parser.parse_args()
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU; use --cpu --tiny to check the script")
     device = torch.device("cpu" if args.cpu else "cuda")
-    peak = matmul_peak("bfloat16", device.type, 8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if fast_bf16(device.type) else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}: bf16 matmul peak measured {peak / 1e12:.1f} TFLOP/s; {args.pairs} pair(s) per step, LoRA r=16", flush=True)
-    print("| architecture | method | tokens/seq | grad. checkpointing | peak GPU GB | step s | tokens/s | MFU (6N) |\n"
+    print(f"{name}: {dtype} (bfloat16 {'runs on' if dtype == torch.bfloat16 else 'has no'} hardware units here); "
+          f"{args.pairs} pair(s) per step, LoRA r=16", flush=True)
+    print("| architecture | method | tokens/seq | grad. checkpointing | peak GPU GB | step s | tokens/s | MFU |\n"
           "|---|---|---|---|---|---|---|---|", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="gpu-7b-"))
     start = time.perf_counter()
     try:
         for arch in args.architectures:
             folder = model_folder(arch, args.tiny, workdir)
-            for method, length, checkpointing in [("simpo", 1024, False), ("simpo", 1024, True), ("simpo", 2048, False),
-                                                  ("simpo", 2048, True), ("dpo", 1024, True)]:
+            config = json.loads((Path(folder) / "config.json").read_text())
+            sizes = 8192 if device.type == "cuda" else 1024
+            shapes = model_shapes(config["hidden_size"], config["intermediate_size"], config["vocab_size"], sizes)
+            peak = matmul_peak(str(dtype).removeprefix("torch."), device.type, shapes, sizes=(256, 512) if args.tiny else SQUARE_SIZES)
+            short, long = args.lengths
+            for method, length, checkpointing in [("simpo", short, False), ("simpo", short, True), ("simpo", long, False),
+                                                  ("simpo", long, True), ("dpo", short, True)]:
                 try:
-                    r = run(folder, method, length, checkpointing, args, device, peak)
-                    cells = f"{r['peak_gb']:.1f} | {r['step_s']:.2f} | {r['tokens_s']:.0f} | {r['mfu']:.1%}"
+                    r = run(folder, method, length, checkpointing, args, device, peak, dtype)
+                    cells = f"{r['peak_gb']:.1f} | {r['step_s']:.2f} | {r['tokens_s']:.0f} | {r['mfu']}"
                 except torch.OutOfMemoryError:
                     cells = "out of memory | - | - | -"
                     torch.cuda.empty_cache()

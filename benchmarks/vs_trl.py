@@ -18,8 +18,10 @@ setting, to show how much of the memory difference is the allocator alone.
 Prints per configuration: preference pairs per second and real tokens per second (pairs' non-padding
 tokens as the standard layout counts them, prompt once per response: 2·prompt + chosen + rejected,
 over all steps), median step time (first step excluded), peak resident memory of the process, model
-FLOPs utilisation (6 × parameters × real tokens per second over this CPU's matrix-multiply peak,
-measured in the same run before every configuration; the highest value counts), and the ratios ours / TRL; then the padding each layout computes.
+FLOPs utilisation (``peak.py``: 6N FLOPs per token for full fine-tuning, 4N with LoRA's frozen base,
+over the tokens each layout needs: the shared-prompt layout computes the prompt once; against this
+machine's best matrix-multiply rate, measured in the same run before every configuration over several
+shapes, the model's own among them), and the ratios ours / TRL; then the padding each layout computes.
 """
 
 import argparse
@@ -33,6 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 
@@ -44,13 +49,13 @@ def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[s
     """A float model folder and a JSONL of ``n_pairs`` standard-format pairs that fit ``max_length``."""
     from simpo_lightning import demo
     from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, _split_hh, read_source
-    from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, float_copy, load_tokenizer, resolve_source, save_random_model
+    from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, load_tokenizer, model_folder, save_random_model
 
     if tiny:
         model = str(workdir / "tiny-model")
         save_random_model(model, TINY_ARCHITECTURE)
     else:
-        model = float_copy(*resolve_source(PolicyConfig()))
+        model = model_folder(PolicyConfig())
     if HH_FILE.is_file():
         rows = []
         for _, row in read_source(str(HH_FILE))[0]:
@@ -84,23 +89,6 @@ def pair_lengths(model: str, data: Path, max_length: int) -> list[tuple[int, int
     encode = PairEncoder(load_tokenizer(PolicyConfig(name_or_path=model)), Columns(), Truncation(max_length, None), "standard")
     pairs = [encode(json.loads(line)) for line in data.read_text().splitlines()]
     return [(len(p["prompt"]), len(p["chosen"]), len(p["rejected"])) for p in pairs]
-
-
-def matmul_peak(dtype_name: str, device: str = "cpu", n: int = 2048) -> float:
-    """FLOP/s of an ``n``-square matrix product on ``device`` (best of five)."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
-    best = float("inf")
-    for _ in range(5):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 # --------------------------------------------------------------------------- workers (one process each)
@@ -139,7 +127,7 @@ def worker_ours(spec: dict) -> dict:
                         gradient_clip_val=None if lean else 1.0,  # TRL's default max_grad_norm; lean steps in backward
                         precision="bf16-mixed" if spec["precision"] == "bf16" else "32-true")
     trainer.fit(module, data)
-    return {"times": times, "params": sum(p.numel() for p in module.model.parameters())}
+    return {"times": times, **parameter_counts(module.model)}
 
 
 def worker_trl(spec: dict) -> dict:
@@ -171,7 +159,11 @@ def worker_trl(spec: dict) -> dict:
                          processing_class=AutoTokenizer.from_pretrained(spec["model"]), callbacks=[Timer()],
                          peft_config=peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if spec["lora"] else None)
     trainer.train()
-    return {"times": times, "params": sum(p.numel() for p in trainer.model.parameters())}
+    return {"times": times, **parameter_counts(trainer.model)}
+
+
+def parameter_counts(model) -> dict[str, int]:
+    return {"params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def run_worker(spec: dict) -> dict:
@@ -246,16 +238,21 @@ def main() -> None:
     if len(lengths) < args.steps * args.batch_size:
         raise SystemExit(f"only {len(lengths)} pairs fit max_length {args.max_length}")
     real_tokens = sum(2 * p + c + r for p, c, r in lengths)
+    shared_tokens = sum(p + c + r for p, c, r in lengths)  # what the shared-prompt layout needs
     import torch
+    from transformers import AutoConfig
 
     torch.set_num_threads(args.threads)
+    config = AutoConfig.from_pretrained(model)
+    shapes = model_shapes(config.hidden_size, config.intermediate_size, config.vocab_size)
+    sizes = (256, 512) if args.tiny else SQUARE_SIZES  # the harness check need not find this machine's peak
     # This machine's matmul rate varies between moments (bf16 by up to 3x, with AMX), so it is measured
     # before every configuration and MFU is reported against the highest value seen: a conservative MFU.
     samples = {p: [] for p in args.precisions}
 
     def measure_peaks() -> None:
         for p in args.precisions:
-            samples[p].append(matmul_peak("float32" if p == "32" else "bfloat16"))
+            samples[p].append(matmul_peak("float32" if p == "32" else "bfloat16", shapes=shapes, sizes=sizes))
 
     print(f"{len(lengths)} pairs from {HH_FILE.name if HH_FILE.is_file() else 'demo'}, {real_tokens} real tokens; "
           f"{args.threads} threads", flush=True)
@@ -287,15 +284,15 @@ def main() -> None:
         r = run_worker(spec)
         total = sum(r["times"])
         r.update(pairs_s=len(lengths) / total, tokens_s=real_tokens / total, step_s=statistics.median(r["times"][1:] or r["times"]),
-                 flops_s=6 * r["params"] * real_tokens / total)
+                 flops_s=model_flops_per_token(r["params"], r["trainable"]) * (real_tokens if spec["framework"] == "trl" else shared_tokens) / total)
         results[spec["name"]] = r
         print(f"{spec['name']}: {r['pairs_s']:.3f} pairs/s, {r['step_s']:.2f} s/step, {r['peak_gb']:.2f} GB", flush=True)
     measure_peaks()
     peaks = {p: max(v) for p, v in samples.items()}
     for spec in configs:
-        results[spec["name"]]["mfu"] = results[spec["name"]]["flops_s"] / peaks[spec["precision"]]
+        results[spec["name"]]["mfu"] = mfu_cell(results[spec["name"]]["flops_s"], peaks[spec["precision"]])
 
-    lines = ["", "Matmul peak (GFLOP/s, 2048² product, best of 5, measured before each configuration and at the end): "
+    lines = ["", "Matmul peak (GFLOP/s, best over square and model shapes and thread settings, measured before each configuration and at the end): "
              + "; ".join(f"{p}: max {max(v) / 1e9:.0f}, median {statistics.median(v) / 1e9:.0f}, min {min(v) / 1e9:.0f}"
                          for p, v in samples.items()) + ". MFU is against the max.",
              "", "| configuration | pairs/s | real tokens/s | step s (median) | peak RSS GB | MFU | pairs/s ×TRL | RSS ×TRL |",
@@ -304,7 +301,7 @@ def main() -> None:
         trl = results.get(" ".join(name.split()[:2]) + " trl")
         ratio = f"{r['pairs_s'] / trl['pairs_s']:.2f} | {r['peak_gb'] / trl['peak_gb']:.2f}" if trl else "- | -"
         lines.append(f"| {name} | {r['pairs_s']:.3f} | {r['tokens_s']:.0f} | {r['step_s']:.2f} | {r['peak_gb']:.2f} | "
-                     f"{r['mfu']:.1%} | {ratio} |")
+                     f"{r['mfu']} | {ratio} |")
     for precision in args.precisions:
         for suffix in ("", " +checkpointing", " +lean"):
             simpo, dpo = results.get(f"full {precision} ours{suffix}"), results.get(f"full {precision} ours dpo{suffix}")

@@ -3,15 +3,18 @@
 import logging
 import netrc
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 
 from simpo_lightning.data import PreferenceDataModule
+from simpo_lightning.errors import UserError, reported
 from simpo_lightning.module import SimPOModule
 
 
@@ -62,10 +65,29 @@ def find_last_checkpoint(trainer: Trainer) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+class EndAllProcesses(Callback):
+    """Ends the other processes of a run that Lightning launched when this one fails, so they do not
+    wait at a barrier for a process that is gone. (When another process fails, Lightning's own
+    observer in this first process ends them all.)"""
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+            launcher.kill(signal.SIGKILL)
+
+
 class SimPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data pipeline tokenises with the model's own tokenizer.
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
+            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file or folder")
 
     def before_fit(self) -> None:
         # Lightning looks for ``ckpt_path: last`` only in this run's new version folder, where nothing is
@@ -74,37 +96,58 @@ class SimPOCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             found = find_last_checkpoint(self.trainer)
             if found is None:
-                raise FileNotFoundError(f"--ckpt_path last: no checkpoints/last*.ckpt under {run_dir(self.trainer).parent}")
+                raise UserError(f"--ckpt_path last: no checkpoints/last*.ckpt under {run_dir(self.trainer).parent}; "
+                                "run without --ckpt_path to start afresh")
             print(f"resuming from {found}")
             config["ckpt_path"] = str(found)
 
 
+@contextmanager
+def _only_args(args: list[str] | None):
+    """LightningCLI reads ``sys.argv`` as well when given ``args`` (and warns); with ``args`` it reads those alone."""
+    saved = sys.argv
+    if args is not None:
+        sys.argv = sys.argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def cli_main(args: list[str] | None = None) -> SimPOCLI:
-    return SimPOCLI(
-        SimPOModule,
-        PreferenceDataModule,
-        save_config_callback=SaveConfig,
-        save_config_kwargs={"save_to_log_dir": False},
-        seed_everything_default=0,
-        args=args,
-    )
+    """The fit/validate/test/predict commands (LightningCLI) on ``args``, or on ``sys.argv`` when None."""
+    with _only_args(args):
+        return SimPOCLI(
+            SimPOModule,
+            PreferenceDataModule,
+            save_config_callback=SaveConfig,
+            save_config_kwargs={"save_to_log_dir": False},
+            seed_everything_default=0,
+            trainer_defaults={"callbacks": [EndAllProcesses()]},
+            parser_kwargs={"exit_on_error": False},  # errors come back as exceptions, reported as one line
+            args=args,
+        )
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
     """Console entry point (``simpo-lightning``); returns None so the exit status is 0.
-    ``export`` is ours; fit, validate, test and predict are LightningCLI's."""
-    if sys.argv[1:2] == ["export"]:
-        from jsonargparse import ArgumentParser
+    ``export`` is ours; fit, validate, test and predict are LightningCLI's. User errors are one line
+    (``simpo_lightning.errors``)."""
+    command = sys.argv[1:] if args is None else args
+    with reported():
+        if command[:1] == ["export"]:
+            from jsonargparse import ArgumentParser
 
-        from simpo_lightning.export import export
+            from simpo_lightning.export import export
 
-        parser = ArgumentParser(prog="simpo-lightning export", description=export.__doc__.split("\n")[0])
-        parser.add_function_arguments(export, as_positional=False)
-        args = parser.parse_args(sys.argv[2:])
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        print(f"wrote {export(**vars(args))}")
-        return
-    cli_main()
+            parser = ArgumentParser(prog="simpo-lightning export", description=export.__doc__.split("\n")[0],
+                                    exit_on_error=False)
+            parser.add_function_arguments(export, as_positional=False)
+            parsed = parser.parse_args(command[1:])
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            print(f"wrote {export(**vars(parsed))}")
+            return
+        cli_main(args)  # None: sys.argv, which Lightning also uses to launch the other processes of a run
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import warnings
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from simpo_lightning import demo
+from simpo_lightning.errors import UserError
 from simpo_lightning.logprobs import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ HH_HUMAN = "\n\nHuman:"
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A row or file that cannot be used as preference data; the message names where."""
 
 
@@ -79,15 +81,22 @@ def read_source(source: str) -> tuple[list[tuple[int, Row]], str]:
     name, _, split = source.partition(":") if not source.endswith(FILE_SUFFIXES) else (source, "", "")
     if name == "demo":
         return list(enumerate(demo.rows(split or "train"))), f"demo:{split}:{demo.VERSION}"
-    path = Path(source)
+    path = Path(source).expanduser()
     if source.endswith(FILE_SUFFIXES):
         if not path.is_file():
             raise DataError(f"{source}: no such file")
         stat = path.stat()
         return _read_file(path), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if path.is_file():
+        raise DataError(f"{source}: unknown file type; use .jsonl, .json or .parquet (each optionally .gz), "
+                        "a datasets save_to_disk folder, or a datasets name")
     import datasets
 
-    dataset = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name, split=split or "train")
+    try:
+        dataset = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # noqa: BLE001  (datasets raises many kinds for a name it cannot find or reach)
+        raise DataError(f"{source}: not a data file, a saved dataset folder, or a datasets name that can be loaded "
+                        f"here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset[split or "train"]
     return list(enumerate(dataset)), f"datasets:{name}:{split}:{dataset._fingerprint}"
@@ -95,15 +104,22 @@ def read_source(source: str) -> tuple[list[tuple[int, Row]], str]:
 
 def _read_file(path: Path) -> list[tuple[int, Row]]:
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return list(enumerate(pq.read_table(path).to_pylist()))
+        try:
+            return list(enumerate(pq.read_table(path).to_pylist()))
+        except pyarrow.ArrowException as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from e
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
-    except (UnicodeDecodeError, OSError) as e:
-        raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); is it a binary file?") from e
+    except (EOFError, OSError, zlib.error) as e:  # EOFError: a truncated .gz; BadGzipFile (OSError): not gzip
+        raise DataError(f"{path}: cannot read it ({type(e).__name__}: {e}); the file is truncated or corrupt: "
+                        "download or write it again") from e
     if ".jsonl" in path.name:
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -179,6 +195,15 @@ def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, c, r
 
 
+def row_format(row: Row, columns: "Columns") -> str:
+    """The format ``auto`` reads a row as: ``unpaired``, ``conversational``, ``standard`` or ``hh``."""
+    if columns.completion in row and columns.chosen not in row:
+        return "unpaired"
+    if isinstance(row.get(columns.chosen), list):
+        return "conversational"
+    return "standard" if columns.prompt in row else "hh"
+
+
 class PairEncoder:
     """Turns one row into token ids ``{"prompt": […], "chosen": […], "rejected": […]}``, or for an
     unpaired row ``{"prompt": […], "completion": […], "desirable": bool}``."""
@@ -190,15 +215,14 @@ class PairEncoder:
         if not isinstance(row, dict):
             raise DataError(f"expected an object with columns, got {type(row).__name__}")
         cols = self.columns
-        if cols.completion in row and cols.chosen not in row:
+        detected = row_format(row, cols)
+        if detected == "unpaired":
             return self._encode_unpaired(row)
         for name in (cols.chosen, cols.rejected):
             if name not in row:
                 raise DataError(f"missing column {name!r} (has {sorted(row)}); set data.columns")
         chosen, rejected = row[cols.chosen], row[cols.rejected]
-        fmt = self.format
-        if fmt == "auto":
-            fmt = "conversational" if isinstance(chosen, list) else ("standard" if cols.prompt in row else "hh")
+        fmt = detected if self.format == "auto" else self.format
         if fmt == "hh":
             if not isinstance(chosen, str) or not isinstance(rejected, str):
                 raise DataError("hh format needs string 'chosen' and 'rejected' dialogues")
@@ -296,9 +320,19 @@ class PairEncoder:
 
 
 def encode_rows(rows: list[tuple[int, Row]], encoder: PairEncoder, source: str, reference: str) -> tuple[list[dict], Counter]:
-    """Encode every row; returns the pairs and the skip counts. Raises ``DataError`` naming the row."""
+    """Encode every row; returns the pairs and the skip counts. Raises ``DataError`` naming the row.
+    A source holds rows of one format (see ``row_format``)."""
+    if not rows:
+        raise DataError(f"{source}: no rows (the file is empty)")
     pairs, skipped, where = [], Counter(), defaultdict(list)
+    first: tuple[str, int] | None = None
     for number, row in rows:
+        if isinstance(row, dict):
+            kind = row_format(row, encoder.columns)
+            first = first or (kind, number)
+            if kind != first[0]:
+                raise DataError(f"{source} row {number}: a {kind} row, but row {first[1]} is {first[0]}; a source "
+                                "holds rows of one format: split it into files of one format each")
         try:
             pair = encoder(row)
         except Skip as s:
@@ -314,9 +348,8 @@ def encode_rows(rows: list[tuple[int, Row]], encoder: PairEncoder, source: str, 
         shown = ", ".join(map(str, where[reason][:10])) + (", …" if count > 10 else "")
         log.warning("%s: skipped %d of %d rows: %s (rows %s)", source, count, len(rows), reason, shown)
     if not pairs:
-        raise DataError(f"{source}: no usable preference pairs (skipped: {dict(skipped)})")
-    if len({"completion" in p for p in pairs}) > 1:
-        raise DataError(f"{source}: mixes paired rows (chosen/rejected) with unpaired rows (completion/label)")
+        raise DataError(f"{source}: no usable preference pairs: all {len(rows)} rows were skipped ({dict(skipped)}); "
+                        "see the warnings above for the rows")
     return pairs, skipped
 
 
@@ -402,7 +435,8 @@ class PreferenceCollator:
             batch.update(pack_pairs(examples, self.pad_token_id))
         for side in ("chosen", "rejected"):
             if f"ref_{side}_logps" in examples[0]:
-                batch[f"ref_{side}_logps"] = torch.tensor([e[f"ref_{side}_logps"] for e in examples])
+                # float64: as precomputed (in the policy's dtype, float64 included); the step casts to the policy's
+                batch[f"ref_{side}_logps"] = torch.tensor([e[f"ref_{side}_logps"] for e in examples], dtype=torch.float64)
         return batch
 
 
@@ -532,6 +566,10 @@ class PreferenceDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])  # for the record: it stores dataclasses as dicts
+        for name, source in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
+            if source is not None and source.endswith(FILE_SUFFIXES) and not Path(source).expanduser().is_file():
+                # said before a run starts rather than after its set-up
+                raise DataError(f"data.{name}: no such file {source}; give an existing .jsonl/.json/.parquet file or 'demo'")
         self.columns, self.truncation, self.tokenizer = columns, truncation, tokenizer
         self.splits: dict[str, list[dict]] = {}
         self.skipped: Counter = Counter()

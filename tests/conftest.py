@@ -12,6 +12,16 @@ import pytest
 from simpo_lightning.model import TINY_ARCHITECTURE
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker (one per core) computes on one thread, and so do the processes it
+    starts, so the workers do not compete for the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY = {**TINY_ARCHITECTURE, "max_position_embeddings": 1024}
 
@@ -34,8 +44,12 @@ def tokenizer(tiny_dir):
 
 def run_command(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """The real ``simpo-lightning`` command in a subprocess, without W&B settings or ~/.netrc (HOME is
-    ``cwd``), so W&B must fall back to offline by itself; ``check`` asserts exit status 0."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(cwd)} | env
+    ``cwd``), so W&B must fall back to offline by itself; ``check`` asserts exit status 0. The model
+    cache stays the session's, so the default model is not de-quantized again in every new HOME."""
+    from simpo_lightning.cache import CACHE_ENV, cache_root
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(cwd)}
+    environment |= {CACHE_ENV: str(cache_root())} | env
     command = [str(Path(sys.executable).with_name("simpo-lightning")), *args]
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
     assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks/vs_trl.py"), "--tiny", "--steps", "2", "--precisions", "32", "--tunings", "full",
                "--lean"]
@@ -18,9 +21,21 @@ def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
     assert "SimPO / DPO (frozen reference copy)" in result.stdout and "shared prompt, grouped by length (ours)" in result.stdout
 
 
+@pytest.mark.slow
 def test_gpu_7b_script_runs_on_cpu_at_tiny_size():
-    command = [sys.executable, str(ROOT / "benchmarks/gpu_7b.py"), "--cpu", "--tiny", "--steps", "1", "--warmup", "0"]
+    command = [sys.executable, str(ROOT / "benchmarks/gpu_7b.py"), "--cpu", "--tiny", "--steps", "1", "--warmup", "0",
+               "--lengths", "64", "128"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| mistral-7b") or line.startswith("| llama-3-8b")]
     assert len(rows) == 10 and all(float(row[6]) > 0 for row in rows)  # tokens/s of every run
+
+
+def test_mfu_counts_lora_as_4n_and_refuses_to_print_more_than_the_peak():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peak import matmul_peak, mfu_cell, model_flops_per_token
+
+    assert model_flops_per_token(100, 100) == 600 and model_flops_per_token(100, 1) == 402  # 6N full, ~4N LoRA
+    assert mfu_cell(50.0, 100.0) == "50.0%"
+    assert mfu_cell(126.0, 100.0) == "failed (126% of the measured peak)"
+    assert matmul_peak("float32", shapes=[(64, 32, 16)], repeats=1, sizes=(64,)) > 0

@@ -5,7 +5,7 @@ import csv
 import pytest
 import yaml
 
-from simpo_lightning.cli import cli_main
+from simpo_lightning.cli import cli_main, main
 
 from conftest import ROOT, run_command as run, wandb_history
 
@@ -58,14 +58,10 @@ def test_cli_overrides_the_yaml(capsys):
     assert resolved["model"]["loss"]["beta"] == 7.5 and resolved["data"]["batch_size"] == 3
 
 
-def test_bad_config_value_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit) as exit:
-        cli_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.loss.loss_type", "cubic"])
-    assert exit.value.code != 0 and "loss_type" in capsys.readouterr().err
-
-
-def test_fit_validate_test_end_to_end(tmp_path):
+@pytest.mark.slow
+def test_fit_validate_test_end_to_end(tmp_path, capsys, monkeypatch):
     config = str(ROOT / "configs/tiny.yaml")
+    monkeypatch.chdir(tmp_path)
     fit = run(["fit", "--config", config, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"], tmp_path)
     assert "held-out before training" in fit.stdout and "held-out after training" in fit.stdout
     run_dir = tmp_path / "runs/tiny/version_0"
@@ -88,6 +84,6 @@ def test_fit_validate_test_end_to_end(tmp_path):
     assert wandb_config["model"]["loss"]["beta"] == 2.0 and wandb_config["trainer"]["max_steps"] == 4  # the resolved config
 
     checkpoint = str(run_dir / "checkpoints/last.ckpt")
-    for subcommand, prefix in (("validate", "val"), ("test", "test")):
-        result = run([subcommand, "--config", config, "--ckpt_path", checkpoint], tmp_path)
-        assert f"{prefix}/rewards/accuracies" in result.stdout
+    for subcommand, prefix in (("validate", "val"), ("test", "test")):  # the same entry point, in this process
+        main([subcommand, "--config", config, "--ckpt_path", checkpoint, "--trainer.logger", "false"])
+        assert f"{prefix}/rewards/accuracies" in capsys.readouterr().out

@@ -282,7 +282,7 @@ def test_empty_unpaired_completion_is_skipped(tokenizer):
 
 def test_a_source_cannot_mix_paired_and_unpaired_rows(tokenizer):
     rows = [(1, {"prompt": "p", "chosen": " a", "rejected": " b"}), (2, {"prompt": "p", "completion": " a", "label": True})]
-    with pytest.raises(DataError, match="mixes"):
+    with pytest.raises(DataError, match="row 2: a unpaired row, but row 1 is standard"):
         encode_rows(rows, encoder(tokenizer), "mixed.jsonl", "reference")
 
 

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -7,6 +8,8 @@ from simpo_lightning.data import PairEncoder, PreferenceCollator, Truncation, Co
 from simpo_lightning.logprobs import IGNORE_INDEX, sequence_logps, token_logps
 from simpo_lightning.model import LoraConfig, PolicyConfig
 from simpo_lightning.module import SimPOModule
+
+from helpers import assert_rounding_close
 
 
 def test_token_logps_by_hand():
@@ -39,8 +42,11 @@ def slow_reference(model, prompt: list[int], response: list[int]) -> float:
 
 
 def test_batched_logps_match_separate_forwards(tiny_dir, tokenizer):
+    """The batched, padded, chunked float32 path against a float64 copy of the model scored one
+    unpadded sequence and one token at a time."""
     module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=None)
     module.configure_model()
+    reference_model = copy.deepcopy(module.model).double()
     encode = PairEncoder(tokenizer, Columns(), Truncation(), "auto")
     rows = [
         {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello there, friend"}],
@@ -53,8 +59,8 @@ def test_batched_logps_match_separate_forwards(tiny_dir, tokenizer):
         out = module.forward_logps(batch)
         for i, pair in enumerate(pairs):
             for side in ("chosen", "rejected"):
-                expected = slow_reference(module.model, pair["prompt"], pair[side])
-                assert out[f"{side}_logps"][i].item() == pytest.approx(expected, abs=1e-4)
+                expected = slow_reference(reference_model, pair["prompt"], pair[side])
+                assert_rounding_close(out[f"{side}_logps"][i], expected, reduction=tokenizer.vocab_size, what=side)
                 assert out[f"{side}_lengths"][i].item() == len(pair[side])
 
 
@@ -65,56 +71,81 @@ def test_chunked_label_logps_equal_log_softmax_forward_and_backward(chunk):
     torch.manual_seed(0)
     hidden, weight = torch.randn(13, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
     targets, upstream = torch.randint(0, 50, (13,)), torch.randn(13)
-    logps, mean_logit = label_logps(hidden, weight, targets, chunk)
-    logits = hidden @ weight.T
-    expected = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
-    torch.testing.assert_close(logps, expected)
-    torch.testing.assert_close(mean_logit, logits.mean(-1))
-    for ours, plain in zip(torch.autograd.grad(logps, (hidden, weight), upstream), torch.autograd.grad(expected, (hidden, weight), upstream)):
-        torch.testing.assert_close(ours, plain)
     double = (hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_())
+
+    def plain(h, w):
+        logits = h @ w.T
+        return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1), logits.mean(-1)
+
+    reference, reference_mean = plain(*double)
+    reference_grads = torch.autograd.grad(reference, double, upstream.double())
+    for name, (logps, mean_logit) in {"chunked": label_logps(hidden, weight, targets, chunk), "plain": plain(hidden, weight)}.items():
+        assert_rounding_close(logps, reference, reduction=50, what=name)  # K: the vocabulary of 50
+        assert_rounding_close(mean_logit, reference_mean, reduction=50, what=name)
+        for grad, expected in zip(torch.autograd.grad(logps, (hidden, weight), upstream), reference_grads):
+            assert_rounding_close(grad, expected, reduction=50, what=f"{name} gradient")
     assert torch.autograd.gradcheck(lambda h, w: label_logps(h, w, targets, chunk)[0], double)
 
 
 def test_chunked_label_logps_under_bf16_autocast_match_the_autocast_head():
     from simpo_lightning.logprobs import label_logps
 
+    """Under autocast the products are bfloat16, as the model's own head; both are checked against
+    the float64 product of the bfloat16-rounded operands, with bfloat16's epsilon in the rule."""
     torch.manual_seed(0)
     hidden, weight, targets = torch.randn(9, 32), torch.randn(40, 32), torch.randint(0, 40, (9,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logps, _ = label_logps(hidden, weight, targets, 4)
         logits = hidden @ weight.T  # what the model's head computes under autocast: bfloat16
     assert logits.dtype == torch.bfloat16 and logps.dtype == torch.float32
-    expected = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
-    torch.testing.assert_close(logps, expected)
+    head = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    exact = hidden.bfloat16().double() @ weight.bfloat16().double().T
+    reference = torch.log_softmax(exact, -1).gather(-1, targets[:, None]).squeeze(-1)
+    for name, value in (("chunked", logps), ("autocast head", head)):
+        assert_rounding_close(value, reference, reduction=40, dtype=torch.bfloat16, what=name)
+
+
+def pair_batch(tokenizer, shared_prompt: bool = False) -> dict:
+    encode = PairEncoder(tokenizer, Columns(), Truncation(), "auto")
+    rows = [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello there, friend"}],
+             "rejected": [{"role": "assistant", "content": "No"}]},
+            {"prompt": "A much longer prompt that needs more tokens than the other one", "chosen": "yes", "rejected": "no way at all"}]
+    return PreferenceCollator(tokenizer.pad_token_id, shared_prompt=shared_prompt)([encode(r) for r in rows])
+
+
+def logps_and_gradients(tiny_dir, lora, chunk, batch, double: bool = False) -> tuple[dict, dict]:
+    """forward_logps of a fresh module (same LoRA initialisation, adapters moved off 0 so they matter)
+    and the gradients of a loss of them; in float64 with ``double``."""
+    torch.manual_seed(0)
+    module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=lora, logits_chunk=chunk)
+    module.configure_model()
+    if lora is not None:
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    if double:
+        module.model.double()
+    out = module.forward_logps(batch)
+    (out["chosen_logps"] - 0.5 * out["rejected_logps"]).sum().backward()
+    return out, {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def assert_matches_float64(result, reference, vocab: int, what: str) -> None:
+    (out, grads), (ref_out, ref_grads) = result, reference
+    for key in ref_out:
+        assert_rounding_close(out[key], ref_out[key], reduction=vocab, what=f"{what} {key}")
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert_rounding_close(grads[name], ref_grads[name], reduction=vocab, what=f"{what} gradient of {name}")
 
 
 @pytest.mark.parametrize("lora", [None, LoraConfig(r=4)], ids=["full", "lora"])
 def test_chunked_module_path_equals_full_logits_forward_and_gradients(tiny_dir, tokenizer, lora):
-    encode = PairEncoder(tokenizer, Columns(), Truncation(), "auto")
-    rows = [{"prompt": "Name a colour.", "chosen": "Blue, like the sky", "rejected": "Seven"},
-            {"prompt": "A much longer prompt that needs more tokens than the other one", "chosen": "yes", "rejected": "no way at all"}]
-    batch = PreferenceCollator(tokenizer.pad_token_id)([encode(r) for r in rows])
-    results = []
+    """Chunked head and the model's full logits, each against the full-logits path in float64."""
+    batch = pair_batch(tokenizer)
+    reference = logps_and_gradients(tiny_dir, lora, None, batch, double=True)
     for chunk in (3, None):
-        torch.manual_seed(0)  # same LoRA initialisation
-        module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=lora, logits_chunk=chunk)
-        module.configure_model()
-        if lora is not None:  # B starts at 0; move it so the adapters matter
-            for name, p in module.model.named_parameters():
-                if "lora_B" in name:
-                    p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-        out = module.forward_logps(batch)
-        loss = (out["chosen_logps"] - 0.5 * out["rejected_logps"]).sum()
-        loss.backward()
-        grads = {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
-        results.append((out, grads))
-    (chunked, chunked_grads), (full, full_grads) = results
-    for key in full:
-        torch.testing.assert_close(chunked[key], full[key], rtol=1e-5, atol=1e-5)
-    assert chunked_grads.keys() == full_grads.keys()
-    for name in full_grads:
-        torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
+        assert_matches_float64(logps_and_gradients(tiny_dir, lora, chunk, batch), reference, tokenizer.vocab_size, f"chunk {chunk}")
 
 
 def test_pack_pairs_by_hand():
@@ -134,23 +165,11 @@ def test_pack_pairs_by_hand():
 
 @pytest.mark.parametrize("lora, chunk", [(None, 4), (LoraConfig(r=4), 4), (None, None)], ids=["full", "lora", "full-logits"])
 def test_shared_prompt_forward_equals_separate_sequences(tiny_dir, tokenizer, lora, chunk):
-    encode = PairEncoder(tokenizer, Columns(), Truncation(), "auto")
-    rows = [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello there, friend"}],
-             "rejected": [{"role": "assistant", "content": "No"}]},
-            {"prompt": "A much longer prompt that needs more tokens than the other one", "chosen": "yes", "rejected": "no way at all"}]
-    pairs = [encode(r) for r in rows]
-    torch.manual_seed(0)
-    module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=lora, logits_chunk=chunk)
-    module.configure_model()
-    results = []
-    for shared in (True, False):
-        module.model.zero_grad()
-        out = module.forward_logps(PreferenceCollator(tokenizer.pad_token_id, shared_prompt=shared)(pairs))
-        (out["chosen_logps"] - 0.5 * out["rejected_logps"]).sum().backward()
-        results.append((out, {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}))
-    (packed, packed_grads), (separate, separate_grads) = results
-    assert packed["chosen_lengths"].tolist() == [len(p["chosen"]) for p in pairs]
-    for key in separate:
-        torch.testing.assert_close(packed[key], separate[key], rtol=1e-5, atol=1e-5)
-    for name in separate_grads:
-        torch.testing.assert_close(packed_grads[name], separate_grads[name], rtol=1e-4, atol=1e-6)
+    """The packed [prompt, chosen, rejected] sequence and the two separate ones, each against the
+    separate sequences in float64."""
+    separate, packed = pair_batch(tokenizer), pair_batch(tokenizer, shared_prompt=True)
+    reference = logps_and_gradients(tiny_dir, lora, chunk, separate, double=True)
+    for name, batch in (("shared prompt", packed), ("separate", separate)):
+        result = logps_and_gradients(tiny_dir, lora, chunk, batch)
+        assert_matches_float64(result, reference, tokenizer.vocab_size, name)
+    assert result[0]["chosen_lengths"].tolist() == (separate["chosen_labels"][:, 1:] != IGNORE_INDEX).sum(-1).tolist()

@@ -13,6 +13,8 @@ from simpo_lightning.data import PreferenceCollator, PreferenceDataModule
 from simpo_lightning.model import LoraConfig, PolicyConfig
 from simpo_lightning.module import METRICS, LossConfig, SimPOModule
 
+from helpers import assert_rounding_close
+
 
 def make(tiny_dir, lora=LoraConfig(r=4, alpha=8), **kwargs):
     module = SimPOModule(policy=PolicyConfig(name_or_path=tiny_dir), lora=lora,
@@ -58,21 +60,23 @@ def test_full_training_changes_every_weight(tiny_dir):
 
 
 def test_validation_metrics_average_the_whole_set(tiny_dir):
-    """7 pairs in batches of 3 (3 + 3 + 1): the epoch value must be the mean over pairs, not over batches."""
+    """7 pairs in batches of 3 (3 + 3 + 1): the epoch value must be the mean over pairs, not over batches.
+    The model runs in float64, so batches of 3 and of 1 (other padding) score alike; the metrics
+    accumulate and are logged in float32, a mean of 7: the float32 rule with K = 7."""
     module, data = make(tiny_dir)
     data.hparams.batch_size = 3
     data.setup()
     data.splits["val"] = data.splits["val"][:7]
-    result = trainer(limit_val_batches=1.0).validate(module, data)[0]
+    result = trainer(limit_val_batches=1.0, precision="64-true").validate(module, data)[0]
     module.eval()
     collate = PreferenceCollator(module.tokenizer.pad_token_id)
     with torch.no_grad():
         singles = [module.step(collate([pair]))[1] for pair in data.splits["val"]]
     for key in ("rewards/chosen", "rewards/margins", "logps/rejected", "lengths/chosen", "loss"):
-        expected = torch.cat([m[key] for m in singles]).mean().item()
-        assert result[f"val/{key}"] == pytest.approx(expected, rel=1e-4, abs=1e-5), key
+        expected = torch.cat([m[key] for m in singles]).mean()
+        assert_rounding_close(result[f"val/{key}"], expected, reduction=7, what=key)
     loader = torch.utils.data.DataLoader(data.splits["val"], batch_size=3, collate_fn=collate)
-    assert result["val/rewards/accuracies"] == pytest.approx(reward_accuracy(module, loader, module.device))
+    assert_rounding_close(result["val/rewards/accuracies"], reward_accuracy(module, loader, module.device), reduction=7)
 
 
 def test_nonfinite_loss_skips_then_stops(tiny_dir):
@@ -192,6 +196,7 @@ print(before - rss())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_return_freed_memory_gives_freed_tensors_back_to_the_os():
     """About 800 MiB of tensors are freed; glibc's default keeps nearly all of it resident."""

@@ -1,9 +1,11 @@
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_and_plots(tmp_path):
     notebook = nbformat.read(ROOT / "notebooks/quickstart.ipynb", as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -1,5 +1,6 @@
 """Scaling features on CPU: exact resume, quantized loading, sharded (FSDP2) training, export."""
 
+import copy
 import csv
 import json
 import subprocess
@@ -13,6 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from simpo_lightning.cli import cli_main
 
 from conftest import ROOT, run_command
+from helpers import assert_rounding_close
+
+VOCAB = 49152  # SmolLM2's: the longest reduction of a step
 
 
 class Interrupt(Callback):
@@ -61,14 +65,16 @@ def test_resume_after_interruption_continues_the_same_loss_curve(tiny_dir, tmp_p
         assert value == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, extra", [("tiny.yaml", []),  # SimPO with LoRA
                                            ("dpo.yaml", ["--model.lora", "null"])],  # full weights, sharded frozen reference
                          ids=["simpo-lora", "dpo-full"])
 def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, config, extra):
-    """ModelParallelStrategy (FSDP2, gloo on CPU), 2 processes × 2 pairs against 1 process × 4 pairs."""
+    """ModelParallelStrategy (FSDP2, gloo on CPU), 2 processes × 2 pairs against 1 process × 4 pairs. FSDP
+    trains in float32, so its curve is held to the float32 rule around the one-process run in float64."""
     common = tiny_args(tiny_dir, tmp_path, *extra, "--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1",
                        "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", config=config)
-    run_command(["fit", *common, "--data.batch_size", "4"], tmp_path)
+    run_command(["fit", *common, "--data.batch_size", "4", "--model.policy.dtype", "float64"], tmp_path)
     strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
     run_command(["fit", *common, "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
@@ -77,7 +83,7 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     assert sorted(one) == sorted(two) == list(range(5))
     assert len(set(one.values())) == 5  # the loss moves, so equal curves mean equal training
     for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+        assert_rounding_close(two[step], one[step], reduction=VOCAB, what=f"step {step}")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -112,14 +118,16 @@ def export_cli(tmp_path: Path, *args: str) -> None:
     run_command(["export", *args], tmp_path)
 
 
-def trained_and_exported_logits(cli, folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    exported = AutoModelForCausalLM.from_pretrained(folder).eval()
+def assert_same_logits(model, reference_model, ids: torch.Tensor) -> None:
+    """``model`` computes the logits of ``reference_model`` (e.g. LoRA merged against unmerged): both in float32
+    against ``reference_model`` in float64, by the rounding rule (K: the tiny model's widest product, 128)."""
     with torch.no_grad():
-        return cli.model.model.eval()(input_ids=ids).logits, exported(input_ids=ids).logits
+        exact = copy.deepcopy(reference_model).double().eval()(input_ids=ids).logits
+        for name, m in (("model", model), ("reference model", reference_model)):
+            assert_rounding_close(m.eval()(input_ids=ids).logits, exact, reduction=128, what=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, extra", [("tiny.yaml", []), ("dpo.yaml", ["--model.lora", "null"])], ids=["lora", "full"])
 def test_export_writes_a_standalone_model_with_the_trained_weights(tiny_dir, tmp_path, config, extra):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,18 +140,20 @@ def test_export_writes_a_standalone_model_with_the_trained_weights(tiny_dir, tmp
     assert tokenizer.chat_template and tokenizer("hi").input_ids == cli.model.tokenizer("hi").input_ids
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Capital of France?"}], add_generation_prompt=True, tokenize=False)
     ids = torch.tensor([tokenizer(text).input_ids])
-    trained, exported = trained_and_exported_logits(cli, tmp_path / "out", ids)
-    torch.testing.assert_close(exported, trained, rtol=1e-5, atol=1e-5)
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()(input_ids=ids).logits
-    assert (base - trained).abs().max() > 1e-3  # training moved the weights, and the export carries that
+    trained = cli.model.model.eval()
+    assert_same_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), trained, ids)
+    with torch.no_grad():
+        moved = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()(input_ids=ids).logits - trained(input_ids=ids).logits
+    assert moved.abs().max() > 1e-3  # training moved the weights, and the export carries that
     if config == "tiny.yaml":
         import peft
 
         export_cli(tmp_path, "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "adapter"), "--adapter_only", "true")
-        adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter").eval()
-        torch.testing.assert_close(adapted(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+        adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter")
+        assert_same_logits(adapted, trained, ids)
 
 
+@pytest.mark.slow
 def test_export_of_the_gguf_default_model_generates_the_trained_text(tmp_path):
     """SmolLM2 from its GGUF wheel, which transformers marks as quantized and refuses to save as is."""
     from simpo_lightning.callbacks import greedy_answers
@@ -162,6 +172,7 @@ def test_export_of_the_gguf_default_model_generates_the_trained_text(tmp_path):
     assert exported == trained and any(trained)
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--cpu", "--steps", "1", "--batch_size", "2"],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -170,6 +181,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert [row.split(" | ")[0][2:] for row in rows] == ["lora", "qlora-8bit", "qlora-4bit", "fsdp-1-device-full"]
 
 
+@pytest.mark.slow
 def test_two_process_fsdp2_resume_continues_the_same_loss_curve(tiny_dir, tmp_path):
     strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
