@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl import prepare  # noqa: E402
+from simpo_lightning.data import Columns, PairEncoder, PreferenceCollator, Truncation
+from simpo_lightning.model import PolicyConfig
+from simpo_lightning.module import SimPOModule
+from simpo_lightning.scoring import score_pair_batch
 
-from simpo_lightning.data import Columns, PairEncoder, PreferenceCollator, Truncation  # noqa: E402
-from simpo_lightning.model import PolicyConfig  # noqa: E402
-from simpo_lightning.module import SimPOModule  # noqa: E402
+from vs_trl import prepare
 
 
 @torch.no_grad()
@@ -38,18 +39,23 @@ def main() -> None:
         for start in range(0, len(pairs), 4):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
                 batch = collate(pairs[start : start + 4])
-                out = module.forward_logps(batch)
+                chosen, rejected = score_pair_batch(module.model, batch, module.chunk).halves()
                 loss, metrics = module.step(batch)
-            logps.append(torch.stack([out["chosen_logps"], out["rejected_logps"]], 1).float())
+            logps.append(torch.stack([chosen.mean_logps, rejected.mean_logps], 1).float())
             losses.append(metrics["loss"].float())
         results[name] = torch.cat(logps), torch.cat(losses)
     (lp32, loss32), (lp16, loss16) = results["float32"], results["bf16"]
     flips = ((lp32[:, 0] > lp32[:, 1]) != (lp16[:, 0] > lp16[:, 1])).float().mean()
     print(f"{len(pairs)} pairs, SimPO β=2, γ/β=0.5, SmolLM2-135M-Instruct")
-    print(f"average log-prob: float32 mean {lp32.mean():.4f}; |bf16 - float32| mean {(lp16 - lp32).abs().mean():.4f}, "
-          f"max {(lp16 - lp32).abs().max():.4f}")
-    print(f"per-pair loss: float32 mean {loss32.mean():.4f}; |bf16 - float32| mean {(loss16 - loss32).abs().mean():.4f}, "
-          f"max {(loss16 - loss32).abs().max():.4f}; batch-mean loss relative difference {(loss16.mean() / loss32.mean() - 1).abs():.2%}")
+    print(
+        f"average log-prob: float32 mean {lp32.mean():.4f}; |bf16 - float32| mean {(lp16 - lp32).abs().mean():.4f}, "
+        f"max {(lp16 - lp32).abs().max():.4f}"
+    )
+    print(
+        f"per-pair loss: float32 mean {loss32.mean():.4f}; |bf16 - float32| mean {(loss16 - loss32).abs().mean():.4f}, "
+        f"max {(loss16 - loss32).abs().max():.4f}; "
+        f"batch-mean loss relative difference {(loss16.mean() / loss32.mean() - 1).abs():.2%}"
+    )
     print(f"pairs whose preference flips: {flips:.1%}")
 
 

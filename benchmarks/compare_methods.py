@@ -12,6 +12,7 @@ Prints held-out reward accuracy and exact match before and after training, the m
 
 import argparse
 import csv
+import json
 import statistics
 import subprocess
 import sys
@@ -25,23 +26,43 @@ METHODS = ["simpo", "dpo", "ipo", "cpo", "orpo", "kto"]
 
 def run(method: str, extra: list[str], workdir: Path) -> dict[str, float]:
     config = ROOT / "configs" / ("quickstart.yaml" if method == "simpo" else f"{method}.yaml")
-    logger = f'{{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{workdir}", "name": "{method}"}}}}'
-    command = [sys.executable, "-m", "simpo_lightning.cli", "fit", "--config", str(config), "--trainer.logger", logger,
-               "--trainer.log_every_n_steps", "1", *extra]
+    logger = json.dumps(
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(workdir), "name": method}}
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "simpo_lightning.cli",
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.logger",
+        logger,
+        "--trainer.log_every_n_steps",
+        "1",
+        *extra,
+    ]
     # A fresh wrapper process per method, so RUSAGE_CHILDREN's peak covers this run alone.
-    wrapper = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)")
+    wrapper = (
+        "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)"
+    )
     start = time.perf_counter()
     log_path = workdir / f"{method}.log"
     with log_path.open("w") as log:
-        code = subprocess.call([sys.executable, "-c", wrapper, *command], stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+        code = subprocess.call(
+            [sys.executable, "-c", wrapper, *command], stdout=log, stderr=subprocess.STDOUT, cwd=workdir
+        )
     if code != 0:
         raise SystemExit(f"{method} failed; see {log_path}")
     peak_kb = next(int(line.split()[1]) for line in log_path.read_text().splitlines() if line.startswith("PEAK_RSS_KB"))
     rows = list(csv.DictReader(next((workdir / method).glob("version_*/metrics.csv")).open()))
     values = lambda key: [float(r[key]) for r in rows if r.get(key)]  # noqa: E731
-    result = {"wall_min": (time.perf_counter() - start) / 60, "peak_gb": peak_kb / 2**20,
-              "step_s": statistics.median(values("train/step_seconds")[1:])}
+    result = {
+        "wall_min": (time.perf_counter() - start) / 60,
+        "peak_gb": peak_kb / 2**20,
+        "step_s": statistics.median(values("train/step_seconds")[1:]),
+    }
     for when in ("before", "after"):
         for metric in ("rewards/accuracies", "exact_match"):
             result[f"{when}/{metric}"] = values(f"heldout/{when}/{metric}")[-1]
@@ -51,7 +72,9 @@ def run(method: str, extra: list[str], workdir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--workdir", type=Path, default=None, help="where logs and checkpoints go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where logs and checkpoints go (default: a temp dir)"
+    )
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="compare-methods-"))
@@ -62,8 +85,10 @@ def main() -> None:
         results[method] = run(method, extra, workdir)
         print(f"{method}: {results[method]}", flush=True)
     base = results.get("simpo")
-    header = (f"| method | reward acc. before → after | exact match before → after | step s (median) | "
-              f"peak RSS GB | {'step ×SimPO | RSS ×SimPO | ' if base else ''}wall min |")
+    header = (
+        f"| method | reward acc. before → after | exact match before → after | step s (median) | "
+        f"peak RSS GB | {'step ×SimPO | RSS ×SimPO | ' if base else ''}wall min |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method, r in results.items():
         ratios = f"{r['step_s'] / base['step_s']:.2f} | {r['peak_gb'] / base['peak_gb']:.2f} | " if base else ""

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes  # noqa: E402
-
+from simpo_lightning.batch import PairBatch, Sequences
 from simpo_lightning.model import TINY_ARCHITECTURE, LoraConfig, PolicyConfig, fast_bf16, load_tokenizer
 from simpo_lightning.module import LossConfig, SimPOModule
+
+from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes
 
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 
@@ -38,7 +39,9 @@ def model_folder(name: str, tiny: bool, workdir: Path) -> str:
     """A folder with the architecture's config.json and a tokenizer (only its pad id is used)."""
     folder = workdir / name
     folder.mkdir()
-    config = {k: v for k, v in json.loads((ARCHITECTURES / f"{name}.json").read_text()).items() if not k.startswith("_")}
+    config = {
+        k: v for k, v in json.loads((ARCHITECTURES / f"{name}.json").read_text()).items() if not k.startswith("_")
+    }
     (folder / "config.json").write_text(json.dumps({**config, **(TINY_ARCHITECTURE if tiny else {})}))
     load_tokenizer(PolicyConfig()).save_pretrained(folder)
     return str(folder)
@@ -49,21 +52,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_batch(pairs: int, length: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+def random_batch(pairs: int, length: int, vocab: int, device: torch.device) -> PairBatch:
     prompt = length // 2
-    batch = {}
-    for side in ("chosen", "rejected"):
+    sides = []
+    for _ in ("chosen", "rejected"):
         ids = torch.randint(0, vocab, (pairs, length), device=device)
         labels = ids.clone()
         labels[:, :prompt] = -100
-        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": torch.ones_like(ids), f"{side}_labels": labels})
-    return batch
+        sides.append(Sequences(ids, torch.ones_like(ids), labels))
+    return PairBatch(*sides)
 
 
-def run(folder: str, method: str, length: int, checkpointing: bool, args, device: torch.device, peak: float,
-        dtype: torch.dtype) -> dict:
-    policy = PolicyConfig(name_or_path=folder, random_init=True, dtype=str(dtype).removeprefix("torch."),
-                          gradient_checkpointing=checkpointing)
+def run(
+    folder: str,
+    method: str,
+    length: int,
+    checkpointing: bool,
+    args,
+    device: torch.device,
+    peak: float,
+    dtype: torch.dtype,
+) -> dict:
+    policy = PolicyConfig(
+        name_or_path=folder,
+        random_init=True,
+        dtype=str(dtype).removeprefix("torch."),
+        gradient_checkpointing=checkpointing,
+    )
     module = SimPOModule(policy=policy, lora=LoraConfig(r=16, alpha=32), loss=LossConfig(name=method))
     with torch.device(device):
         module.configure_model()
@@ -93,8 +108,13 @@ def run(folder: str, method: str, length: int, checkpointing: bool, args, device
     del module, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"params_b": params / 1e9, "step_s": seconds, "tokens_s": tokens, "peak_gb": memory,
-            "mfu": mfu_cell(model_flops_per_token(params, trainable) * tokens, peak)}
+    return {
+        "params_b": params / 1e9,
+        "step_s": seconds,
+        "tokens_s": tokens,
+        "peak_gb": memory,
+        "mfu": mfu_cell(model_flops_per_token(params, trainable) * tokens, peak),
+    }
 
 
 def main() -> None:
@@ -112,10 +132,16 @@ def main() -> None:
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = torch.bfloat16 if fast_bf16(device.type) else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}: {dtype} (bfloat16 {'runs on' if dtype == torch.bfloat16 else 'has no'} hardware units here); "
-          f"{args.pairs} pair(s) per step, LoRA r=16", flush=True)
-    print("| architecture | method | tokens/seq | grad. checkpointing | peak GPU GB | step s | tokens/s | MFU |\n"
-          "|---|---|---|---|---|---|---|---|", flush=True)
+    print(
+        f"{name}: {dtype} (bfloat16 {'runs on' if dtype == torch.bfloat16 else 'has no'} hardware units here); "
+        f"{args.pairs} pair(s) per step, LoRA r=16",
+        flush=True,
+    )
+    print(
+        "| architecture | method | tokens/seq | grad. checkpointing | peak GPU GB | step s | tokens/s | MFU |\n"
+        "|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="gpu-7b-"))
     start = time.perf_counter()
     try:
@@ -124,10 +150,17 @@ def main() -> None:
             config = json.loads((Path(folder) / "config.json").read_text())
             sizes = 8192 if device.type == "cuda" else 1024
             shapes = model_shapes(config["hidden_size"], config["intermediate_size"], config["vocab_size"], sizes)
-            peak = matmul_peak(str(dtype).removeprefix("torch."), device.type, shapes, sizes=(256, 512) if args.tiny else SQUARE_SIZES)
+            peak = matmul_peak(
+                str(dtype).removeprefix("torch."), device.type, shapes, sizes=(256, 512) if args.tiny else SQUARE_SIZES
+            )
             short, long = args.lengths
-            for method, length, checkpointing in [("simpo", short, False), ("simpo", short, True), ("simpo", long, False),
-                                                  ("simpo", long, True), ("dpo", short, True)]:
+            for method, length, checkpointing in [
+                ("simpo", short, False),
+                ("simpo", short, True),
+                ("simpo", long, False),
+                ("simpo", long, True),
+                ("dpo", short, True),
+            ]:
                 try:
                     r = run(folder, method, length, checkpointing, args, device, peak, dtype)
                     cells = f"{r['peak_gb']:.1f} | {r['step_s']:.2f} | {r['tokens_s']:.0f} | {r['mfu']}"

@@ -22,24 +22,42 @@ from simpo_lightning.model import TINY_ARCHITECTURE, save_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # ~0.5 B parameters: big enough that quantization shows in memory, small enough to finish fast.
-GPU_SIZE = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4, head_dim=128)
+GPU_SIZE = dict(
+    hidden_size=1536,
+    intermediate_size=4096,
+    num_hidden_layers=16,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=128,
+)
 
 
 def runs(cpu: bool) -> dict[str, list[str]]:
     if cpu:
-        fsdp = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1}}
+        fsdp = {
+            "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+            "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1},
+        }
         precision, compute = "32-true", "float32"
     else:
-        fsdp = {"class_path": "lightning.pytorch.strategies.FSDPStrategy",
-                "init_args": {"auto_wrap_policy": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}
+        fsdp = {
+            "class_path": "lightning.pytorch.strategies.FSDPStrategy",
+            "init_args": {"auto_wrap_policy": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]},
+        }
         precision, compute = "bf16-mixed", "bfloat16"
     quant = lambda bits: ["--model.policy.quantization", json.dumps({"bits": bits, "compute_dtype": compute})]  # noqa: E731
     return {
         "lora": ["--trainer.precision", precision],
         "qlora-8bit": ["--trainer.precision", precision, *quant(8)],
         "qlora-4bit": ["--trainer.precision", precision, *quant(4)],
-        "fsdp-1-device-full": ["--trainer.precision", precision, "--model.lora", "null", "--trainer.strategy", json.dumps(fsdp)],
+        "fsdp-1-device-full": [
+            "--trainer.precision",
+            precision,
+            "--model.lora",
+            "null",
+            "--trainer.strategy",
+            json.dumps(fsdp),
+        ],
     }
 
 
@@ -51,18 +69,42 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     save_random_model(workdir / "model", TINY_ARCHITECTURE if args.cpu else GPU_SIZE)  # SmolLM2's architecture, resized
-    common = ["--config", str(ROOT / "configs/tiny.yaml"), "--model.policy.name_or_path", str(workdir / "model"),
-              "--model.policy.random_init", "false", "--model.policy.config_overrides", "{}",
-              "--trainer.accelerator", "cpu" if args.cpu else "gpu", "--trainer.max_steps", str(args.steps),
-              "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-              "--trainer.callbacks", json.dumps([{"class_path": "simpo_lightning.callbacks.PeakMemory"}]),
-              "--data.batch_size", str(args.batch_size), "--data.cache_dir", str(workdir / "cache")]
+    common = [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--model.policy.name_or_path",
+        str(workdir / "model"),
+        "--model.policy.random_init",
+        "false",
+        "--model.policy.config_overrides",
+        "{}",
+        "--trainer.accelerator",
+        "cpu" if args.cpu else "gpu",
+        "--trainer.max_steps",
+        str(args.steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.callbacks",
+        json.dumps([{"class_path": "simpo_lightning.callbacks.PeakMemory"}]),
+        "--data.batch_size",
+        str(args.batch_size),
+        "--data.cache_dir",
+        str(workdir / "cache"),
+    ]
     print("| run | peak memory GB | s per step (incl. start-up) | status |\n|---|---|---|---|", flush=True)
     failed = 0
     for name, extra in runs(args.cpu).items():
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "simpo_lightning.cli", "fit", *common, *extra],
-                                capture_output=True, text=True, cwd=workdir)
+        result = subprocess.run(
+            [sys.executable, "-m", "simpo_lightning.cli", "fit", *common, *extra],
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+        )
         seconds = (time.perf_counter() - start) / args.steps
         peak = re.search(r"PEAK_MEMORY_GB (\S+) rank 0 ([\d.]+)", result.stdout)
         if result.returncode != 0 or peak is None:

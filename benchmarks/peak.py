@@ -17,7 +17,12 @@ SQUARE_SIZES = (512, 1024, 2048, 4096)
 
 def model_shapes(hidden: int, intermediate: int, vocab: int, tokens: int = 2048) -> list[tuple[int, int, int]]:
     """``(m, k, n)`` of a decoder's products for ``tokens`` rows: attention and MLP projections and the head."""
-    return [(tokens, hidden, hidden), (tokens, hidden, intermediate), (tokens, intermediate, hidden), (tokens, hidden, vocab)]
+    return [
+        (tokens, hidden, hidden),
+        (tokens, hidden, intermediate),
+        (tokens, intermediate, hidden),
+        (tokens, hidden, vocab),
+    ]
 
 
 def _rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, repeats: int) -> float:
@@ -34,8 +39,13 @@ def _rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, repeats: int)
     return 2 * m * k * n / best
 
 
-def matmul_peak(dtype_name: str, device: str = "cpu", shapes: list[tuple[int, int, int]] = (), repeats: int = 3,
-                sizes: tuple[int, ...] = SQUARE_SIZES) -> float:
+def matmul_peak(
+    dtype_name: str,
+    device: str = "cpu",
+    shapes: list[tuple[int, int, int]] = (),
+    repeats: int = 3,
+    sizes: tuple[int, ...] = SQUARE_SIZES,
+) -> float:
     """Highest FLOP/s of a ``dtype_name`` matrix product on ``device`` over the square ``sizes`` and ``shapes``
     (best of ``repeats`` each), on CPU with the current thread count and with every core."""
     dtype = getattr(torch, dtype_name)

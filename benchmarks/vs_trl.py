@@ -1,7 +1,7 @@
 """This framework against TRL's ``CPOTrainer(loss_type="simpo")`` on the same model, pairs, batch
 size, max_length, steps and threads; each configuration in its own process, TRL and ours alternating.
 
-    python benchmarks/vs_trl.py                                   # SmolLM2-135M, HH-RLHF, 12 steps × 4 pairs, fp32 and bf16
+    python benchmarks/vs_trl.py                            # SmolLM2-135M, HH-RLHF, 12 steps × 4 pairs, fp32 and bf16
     python benchmarks/vs_trl.py --precisions 32 --steps 6         # quicker
     python benchmarks/vs_trl.py --tunings full --lean             # also the memory-lean settings
     python benchmarks/vs_trl.py --tiny --steps 2                  # a 2-layer random model: checks the harness runs
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes  # noqa: E402
+from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
@@ -48,7 +48,8 @@ HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[str, Path]:
     """A float model folder and a JSONL of ``n_pairs`` standard-format pairs that fit ``max_length``."""
     from simpo_lightning import demo
-    from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, _split_hh, read_source
+    from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, read_source
+    from simpo_lightning.data.encoding import _split_hh
     from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, load_tokenizer, model_folder, save_random_model
 
     if tiny:
@@ -66,14 +67,19 @@ def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[s
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     else:
         rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in demo.rows("train")]
-    encode = PairEncoder(load_tokenizer(PolicyConfig(name_or_path=model)), Columns(), Truncation(max_length, None), "standard")
+    encode = PairEncoder(
+        load_tokenizer(PolicyConfig(name_or_path=model)), Columns(), Truncation(max_length, None), "standard"
+    )
     kept = []
     for row in rows:
         try:
             pair = encode(row)
         except Skip:
             continue
-        if pair["chosen"][-1] == encode.tokenizer.eos_token_id and pair["rejected"][-1] == encode.tokenizer.eos_token_id:
+        if (
+            pair["chosen"][-1] == encode.tokenizer.eos_token_id
+            and pair["rejected"][-1] == encode.tokenizer.eos_token_id
+        ):
             kept.append(row)  # both responses whole: neither framework truncates
         if len(kept) == n_pairs:
             break
@@ -86,7 +92,9 @@ def pair_lengths(model: str, data: Path, max_length: int) -> list[tuple[int, int
     from simpo_lightning.data import Columns, PairEncoder, Truncation
     from simpo_lightning.model import PolicyConfig, load_tokenizer
 
-    encode = PairEncoder(load_tokenizer(PolicyConfig(name_or_path=model)), Columns(), Truncation(max_length, None), "standard")
+    encode = PairEncoder(
+        load_tokenizer(PolicyConfig(name_or_path=model)), Columns(), Truncation(max_length, None), "standard"
+    )
     pairs = [encode(json.loads(line)) for line in data.read_text().splitlines()]
     return [(len(p["prompt"]), len(p["chosen"]), len(p["rejected"])) for p in pairs]
 
@@ -115,17 +123,38 @@ def worker_ours(spec: dict) -> dict:
     off, variant = spec.get("without", ""), spec.get("variant", "")
     lean = variant == "lean"
     policy = PolicyConfig(name_or_path=spec["model"], gradient_checkpointing=variant in ("checkpointing", "lean"))
-    module = SimPOModule(policy=policy, lora=LoraConfig() if spec["lora"] else None, loss=LossConfig(name=spec["method"]),
-                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, fused=True),  # TRL's default optimizer
-                         logits_chunk=None if off == "chunked-logps" else 1024, optimizer_in_backward=lean)
-    data = PreferenceDataModule(train_data=spec["data"], val_data=spec["data"], format="standard", batch_size=spec["batch_size"],
-                                truncation=Truncation(spec["max_length"], None), cache_dir=None, shared_prompt=off != "shared-prompt",
-                                group_by_length=off != "grouping", tokenizer=module.tokenizer)
-    trainer = L.Trainer(accelerator="cpu", max_steps=spec["steps"], limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[Timer()] + ([ReturnFreedMemory()] if lean else []),
-                        gradient_clip_val=None if lean else 1.0,  # TRL's default max_grad_norm; lean steps in backward
-                        precision="bf16-mixed" if spec["precision"] == "bf16" else "32-true")
+    module = SimPOModule(
+        policy=policy,
+        lora=LoraConfig() if spec["lora"] else None,
+        loss=LossConfig(name=spec["method"]),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, fused=True),  # TRL's default optimizer
+        logits_chunk=None if off == "chunked-logps" else 1024,
+        optimizer_in_backward=lean,
+    )
+    data = PreferenceDataModule(
+        train_data=spec["data"],
+        val_data=spec["data"],
+        format="standard",
+        batch_size=spec["batch_size"],
+        truncation=Truncation(spec["max_length"], None),
+        cache_dir=None,
+        shared_prompt=off != "shared-prompt",
+        group_by_length=off != "grouping",
+        tokenizer=module.tokenizer,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=spec["steps"],
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Timer()] + ([ReturnFreedMemory()] if lean else []),
+        gradient_clip_val=None if lean else 1.0,  # TRL's default max_grad_norm; lean steps in backward
+        precision="bf16-mixed" if spec["precision"] == "bf16" else "32-true",
+    )
     trainer.fit(module, data)
     return {"times": times, **parameter_counts(module.model)}
 
@@ -151,28 +180,54 @@ def worker_trl(spec: dict) -> dict:
             times.append(time.perf_counter() - self.start)
 
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    args = CPOConfig(output_dir=spec["workdir"], loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0, learning_rate=1e-6,
-                     max_length=spec["max_length"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-                     bf16=spec["precision"] == "bf16", use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-                     disable_tqdm=True, dataloader_num_workers=0)
-    trainer = CPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_json(spec["data"]),
-                         processing_class=AutoTokenizer.from_pretrained(spec["model"]), callbacks=[Timer()],
-                         peft_config=peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if spec["lora"] else None)
+    args = CPOConfig(
+        output_dir=spec["workdir"],
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=1.0,
+        cpo_alpha=0.0,
+        learning_rate=1e-6,
+        max_length=spec["max_length"],
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        bf16=spec["precision"] == "bf16",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = CPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_json(spec["data"]),
+        processing_class=AutoTokenizer.from_pretrained(spec["model"]),
+        callbacks=[Timer()],
+        peft_config=peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        if spec["lora"]
+        else None,
+    )
     trainer.train()
     return {"times": times, **parameter_counts(trainer.model)}
 
 
 def parameter_counts(model) -> dict[str, int]:
-    return {"params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
 
 
 def run_worker(spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TRL_EXPERIMENTAL_SILENCE": "1"}
-    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
-    line = next((l for l in result.stdout.splitlines() if l.startswith("RESULT ")), None)
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    line = next((text for text in result.stdout.splitlines() if text.startswith("RESULT ")), None)
     if result.returncode != 0 or line is None:
         raise SystemExit(f"{spec['name']} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 # --------------------------------------------------------------------------- report
@@ -194,11 +249,19 @@ def padding_report(lengths: list[tuple[int, int, int]], batch_size: int) -> str:
     sampler = GlobalBatchSampler(len(lengths), batch_size, lengths=[sum(x) for x in lengths])
     grouped = sampler._batches()
     second_prompt = sum(p for p, _, _ in lengths)
-    rows = [("standard, file order (TRL)", standard(in_order)), ("standard, grouped by length", standard(grouped)),
-            ("shared prompt, file order", packed(in_order)), ("shared prompt, grouped by length (ours)", packed(grouped))]
-    lines = [f"\nPadding, {len(lengths)} pairs in batches of {batch_size}: real tokens (2·prompt + chosen + rejected) = {real}; "
-             f"the prompt's second copy is {second_prompt / real:.0%} of them.",
-             "| layout | positions computed | padding share | positions / TRL's |", "|---|---|---|---|"]
+    rows = [
+        ("standard, file order (TRL)", standard(in_order)),
+        ("standard, grouped by length", standard(grouped)),
+        ("shared prompt, file order", packed(in_order)),
+        ("shared prompt, grouped by length (ours)", packed(grouped)),
+    ]
+    lines = [
+        f"\nPadding, {len(lengths)} pairs in batches of {batch_size}: "
+        f"real tokens (2·prompt + chosen + rejected) = {real}; "
+        f"the prompt's second copy is {second_prompt / real:.0%} of them.",
+        "| layout | positions computed | padding share | positions / TRL's |",
+        "|---|---|---|---|",
+    ]
     base = rows[0][1]
     for name, computed in rows:
         useful = real if name.startswith("standard") else real - second_prompt
@@ -215,10 +278,16 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["32", "bf16"], choices=["32", "bf16"])
     parser.add_argument("--tunings", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--tiny", action="store_true", help="2-layer random model (a check that the harness runs)")
-    parser.add_argument("--ablation", action="store_true", help="also ours without each speed-up in turn (full fine-tuning, float32)")
+    parser.add_argument(
+        "--ablation", action="store_true", help="also ours without each speed-up in turn (full fine-tuning, float32)"
+    )
     parser.add_argument("--checkpointing", action="store_true", help="also ours with gradient checkpointing")
-    parser.add_argument("--lean", action="store_true", help="also ours lean (gradient checkpointing, optimizer step in "
-                        "backward, freed memory returned to the OS; no clipping) and TRL with freed memory returned")
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="also ours lean (gradient checkpointing, optimizer step in "
+        "backward, freed memory returned to the OS; no clipping) and TRL with freed memory returned",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -254,8 +323,11 @@ def main() -> None:
         for p in args.precisions:
             samples[p].append(matmul_peak("float32" if p == "32" else "bfloat16", shapes=shapes, sizes=sizes))
 
-    print(f"{len(lengths)} pairs from {HH_FILE.name if HH_FILE.is_file() else 'demo'}, {real_tokens} real tokens; "
-          f"{args.threads} threads", flush=True)
+    print(
+        f"{len(lengths)} pairs from {HH_FILE.name if HH_FILE.is_file() else 'demo'}, {real_tokens} real tokens; "
+        f"{args.threads} threads",
+        flush=True,
+    )
 
     configs = []
     for tuning in args.tunings:
@@ -265,49 +337,90 @@ def main() -> None:
                 runs.append(("ours", "dpo", "", ""))
             for variant, wanted in (("checkpointing", args.checkpointing), ("lean", args.lean)):
                 if wanted:
-                    runs += [("ours", "simpo", "", variant)] + ([("ours", "dpo", "", variant)] if tuning == "full" else [])
+                    runs += [("ours", "simpo", "", variant)] + (
+                        [("ours", "dpo", "", variant)] if tuning == "full" else []
+                    )
             if args.lean:
                 runs.append(("trl", "simpo", "", "freed-memory"))
             if tuning == "full" and precision == "32" and args.ablation:
                 runs += [("ours", "simpo", off, "") for off in ("chunked-logps", "shared-prompt", "grouping")]
             for framework, method, off, variant in runs:
-                name = (f"{tuning} {precision} {framework}{' dpo' if method == 'dpo' else ''}{f' +{variant}' if variant else ''}"
-                        f"{f' without {off}' if off else ''}")
-                configs.append({"name": name, "framework": framework, "method": method, "without": off, "lora": tuning == "lora",
-                                "variant": variant,
-                                "precision": precision, "model": model, "data": str(data), "steps": args.steps,
-                                "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
-                                "workdir": str(workdir)})
+                name = (
+                    f"{tuning} {precision} {framework}{' dpo' if method == 'dpo' else ''}"
+                    f"{f' +{variant}' if variant else ''}"
+                    f"{f' without {off}' if off else ''}"
+                )
+                configs.append(
+                    {
+                        "name": name,
+                        "framework": framework,
+                        "method": method,
+                        "without": off,
+                        "lora": tuning == "lora",
+                        "variant": variant,
+                        "precision": precision,
+                        "model": model,
+                        "data": str(data),
+                        "steps": args.steps,
+                        "batch_size": args.batch_size,
+                        "max_length": args.max_length,
+                        "threads": args.threads,
+                        "workdir": str(workdir),
+                    }
+                )
     results = {}
     for spec in configs:
         measure_peaks()
         r = run_worker(spec)
         total = sum(r["times"])
-        r.update(pairs_s=len(lengths) / total, tokens_s=real_tokens / total, step_s=statistics.median(r["times"][1:] or r["times"]),
-                 flops_s=model_flops_per_token(r["params"], r["trainable"]) * (real_tokens if spec["framework"] == "trl" else shared_tokens) / total)
+        r.update(
+            pairs_s=len(lengths) / total,
+            tokens_s=real_tokens / total,
+            step_s=statistics.median(r["times"][1:] or r["times"]),
+            flops_s=model_flops_per_token(r["params"], r["trainable"])
+            * (real_tokens if spec["framework"] == "trl" else shared_tokens)
+            / total,
+        )
         results[spec["name"]] = r
-        print(f"{spec['name']}: {r['pairs_s']:.3f} pairs/s, {r['step_s']:.2f} s/step, {r['peak_gb']:.2f} GB", flush=True)
+        print(
+            f"{spec['name']}: {r['pairs_s']:.3f} pairs/s, {r['step_s']:.2f} s/step, {r['peak_gb']:.2f} GB", flush=True
+        )
     measure_peaks()
     peaks = {p: max(v) for p, v in samples.items()}
     for spec in configs:
         results[spec["name"]]["mfu"] = mfu_cell(results[spec["name"]]["flops_s"], peaks[spec["precision"]])
 
-    lines = ["", "Matmul peak (GFLOP/s, best over square and model shapes and thread settings, measured before each configuration and at the end): "
-             + "; ".join(f"{p}: max {max(v) / 1e9:.0f}, median {statistics.median(v) / 1e9:.0f}, min {min(v) / 1e9:.0f}"
-                         for p, v in samples.items()) + ". MFU is against the max.",
-             "", "| configuration | pairs/s | real tokens/s | step s (median) | peak RSS GB | MFU | pairs/s ×TRL | RSS ×TRL |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Matmul peak (GFLOP/s, best over square and model shapes and thread settings, "
+        "measured before each configuration and at the end): "
+        + "; ".join(
+            f"{p}: max {max(v) / 1e9:.0f}, median {statistics.median(v) / 1e9:.0f}, min {min(v) / 1e9:.0f}"
+            for p, v in samples.items()
+        )
+        + ". MFU is against the max.",
+        "",
+        "| configuration | pairs/s | real tokens/s | step s (median) | peak RSS GB | MFU | pairs/s ×TRL | RSS ×TRL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         trl = results.get(" ".join(name.split()[:2]) + " trl")
         ratio = f"{r['pairs_s'] / trl['pairs_s']:.2f} | {r['peak_gb'] / trl['peak_gb']:.2f}" if trl else "- | -"
-        lines.append(f"| {name} | {r['pairs_s']:.3f} | {r['tokens_s']:.0f} | {r['step_s']:.2f} | {r['peak_gb']:.2f} | "
-                     f"{r['mfu']} | {ratio} |")
+        lines.append(
+            f"| {name} | {r['pairs_s']:.3f} | {r['tokens_s']:.0f} | {r['step_s']:.2f} | {r['peak_gb']:.2f} | "
+            f"{r['mfu']} | {ratio} |"
+        )
     for precision in args.precisions:
         for suffix in ("", " +checkpointing", " +lean"):
-            simpo, dpo = results.get(f"full {precision} ours{suffix}"), results.get(f"full {precision} ours dpo{suffix}")
+            simpo, dpo = (
+                results.get(f"full {precision} ours{suffix}"),
+                results.get(f"full {precision} ours dpo{suffix}"),
+            )
             if simpo and dpo:
-                lines.append(f"\nfull {precision}{suffix}: SimPO / DPO (frozen reference copy) in this framework: peak memory "
-                             f"{simpo['peak_gb'] / dpo['peak_gb']:.2f}, time per pair {dpo['pairs_s'] / simpo['pairs_s']:.2f}")
+                lines.append(
+                    f"\nfull {precision}{suffix}: SimPO / DPO (frozen reference copy) in this framework: peak memory "
+                    f"{simpo['peak_gb'] / dpo['peak_gb']:.2f}, time per pair {dpo['pairs_s'] / simpo['pairs_s']:.2f}"
+                )
     print("\n".join(lines))
     print(padding_report(lengths, args.batch_size))
 

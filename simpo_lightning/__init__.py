@@ -5,6 +5,14 @@ from simpo_lightning.losses import LOSSES, cpo_loss, dpo_loss, ipo_loss, kto_los
 from simpo_lightning.module import SimPOModule
 
 __all__ = [
-    "LOSSES", "PreferenceCollator", "PreferenceDataModule", "SimPOModule",
-    "cpo_loss", "dpo_loss", "ipo_loss", "kto_loss", "orpo_loss", "simpo_loss",
+    "LOSSES",
+    "PreferenceCollator",
+    "PreferenceDataModule",
+    "SimPOModule",
+    "cpo_loss",
+    "dpo_loss",
+    "ipo_loss",
+    "kto_loss",
+    "orpo_loss",
+    "simpo_loss",
 ]

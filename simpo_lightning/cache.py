@@ -4,9 +4,9 @@ temporary place that is renamed into place only when complete."""
 import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 CACHE_ENV = "SIMPO_LIGHTNING_CACHE"
 

@@ -7,6 +7,7 @@ import logging
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from simpo_lightning.demo import exact_match
 
@@ -18,7 +19,7 @@ def reward_accuracy(module: L.LightningModule, loader, device: torch.device) -> 
     """Share of validation pairs whose chosen reward beats the rejected one (None for unpaired data)."""
     hits, total = 0.0, 0
     for batch in loader:
-        _, metrics = module.step({k: v.to(device) for k, v in batch.items()})
+        _, metrics = module.step(move_data_to_device(batch, device))
         if "rewards/accuracies" not in metrics:
             return None
         hits += metrics["rewards/accuracies"].sum().item()
@@ -27,7 +28,9 @@ def reward_accuracy(module: L.LightningModule, loader, device: torch.device) -> 
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device) -> list[str]:
+def greedy_answers(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device
+) -> list[str]:
     """Greedy completions of tokenised prompts (left-padded in batches)."""
     answers = []
     for start in range(0, len(prompts), batch_size):
@@ -39,8 +42,12 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
         )
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return answers
@@ -72,9 +79,14 @@ class HeldOutReport(L.Callback):
             examples = data.generation_examples("val")
             if examples:
                 prompts = [p for p, _ in examples]
-                answers = greedy_answers(module.model, module.tokenizer, prompts, self.max_new_tokens, self.batch_size, module.device)
+                answers = greedy_answers(
+                    module.model, module.tokenizer, prompts, self.max_new_tokens, self.batch_size, module.device
+                )
                 result["exact_match"] = sum(exact_match(a, r) for a, (_, r) in zip(answers, examples)) / len(examples)
-                self.samples = [(module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r) for (p, r), a in zip(examples, answers)]
+                self.samples = [
+                    (module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r)
+                    for (p, r), a in zip(examples, answers)
+                ]
         module.train(was_training)
         self.results[when] = result
         for logger in trainer.loggers:

@@ -1,5 +1,14 @@
-"""The ``simpo-lightning`` command: LightningCLI over SimPOModule and PreferenceDataModule."""
+"""The ``simpo-lightning`` command.
 
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's: they run any LightningModule and
+LightningDataModule that the YAML names by ``class_path`` (``model:`` and ``data:``); a section without
+``class_path`` is ``SimPOModule`` / ``PreferenceDataModule``, so plain configs stay as they are. The
+other commands are functions registered in ``COMMANDS``: their typed signature is their ``--help``, and
+each takes ``--config`` with the same options in a YAML file.
+"""
+
+import importlib
+import json
 import logging
 import netrc
 import os
@@ -9,13 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 
-from simpo_lightning.data import PreferenceDataModule
 from simpo_lightning.errors import UserError, reported
-from simpo_lightning.module import SimPOModule
+
+# Name -> "module:function". Each function's typed signature and docstring make its options and --help.
+COMMANDS = {
+    "export": "simpo_lightning.export:export",
+}
+DEFAULT_MODULE = "simpo_lightning.module.SimPOModule"
+DEFAULT_DATA = "simpo_lightning.data.PreferenceDataModule"
 
 
 def wandb_configured() -> bool:
@@ -34,7 +48,9 @@ class WandbLogger(_WandbLogger):
     """Lightning's WandbLogger, offline unless W&B is configured on this machine (``offline: null``)."""
 
     def __init__(self, project: str = "simpo-lightning", save_dir: str = "runs", offline: bool | None = None, **kwargs):
-        super().__init__(project=project, save_dir=save_dir, offline=not wandb_configured() if offline is None else offline, **kwargs)
+        super().__init__(
+            project=project, save_dir=save_dir, offline=not wandb_configured() if offline is None else offline, **kwargs
+        )
 
 
 def run_dir(trainer: Trainer) -> Path:
@@ -80,8 +96,9 @@ class EndAllProcesses(Callback):
 
 class SimPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        # The data pipeline tokenises with the model's own tokenizer.
-        parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODULE}, "data": {"class_path": DEFAULT_DATA}})
+        # Every module of this package loads its tokenizer; the data pipeline tokenises with it.
+        parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -96,8 +113,10 @@ class SimPOCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             found = find_last_checkpoint(self.trainer)
             if found is None:
-                raise UserError(f"--ckpt_path last: no checkpoints/last*.ckpt under {run_dir(self.trainer).parent}; "
-                                "run without --ckpt_path to start afresh")
+                raise UserError(
+                    f"--ckpt_path last: no checkpoints/last*.ckpt under {run_dir(self.trainer).parent}; "
+                    "run without --ckpt_path to start afresh"
+                )
             print(f"resuming from {found}")
             config["ckpt_path"] = str(found)
 
@@ -114,12 +133,43 @@ def _only_args(args: list[str] | None):
         sys.argv = saved
 
 
+def nulls_as_dicts(args: list[str]) -> list[str]:
+    """``--model.loss.beta null`` as ``--model '{"init_args": {"loss": {"beta": null}}}'``, which means the same.
+    jsonargparse 4.53 turns ``null`` given to a field two levels into a ``class_path`` section into the string
+    ``'None'`` (it re-formats the parsed value with an f-string); the dict form merges into the section
+    correctly. Other arguments pass unchanged."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        key, has_value, value = arg.partition("=")
+        if not has_value and i + 1 < len(args):
+            value = args[i + 1]
+        parts = key.removeprefix("--").split(".")
+        if parts[0] in ("model", "data") and len(parts) > 2 and key.startswith("--") and value.strip() in ("null", "~"):
+            path = [p for p in parts[1:] if p != "init_args"] if parts[1] == "init_args" else parts[1:]
+            nested = None
+            for part in reversed(path):
+                nested = {part: nested}
+            out += [f"--{parts[0]}", json.dumps({"init_args": nested})]
+            i += 1 if has_value else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def cli_main(args: list[str] | None = None) -> SimPOCLI:
     """The fit/validate/test/predict commands (LightningCLI) on ``args``, or on ``sys.argv`` when None."""
+    if args is None:
+        sys.argv[1:] = nulls_as_dicts(sys.argv[1:])
+    else:
+        args = nulls_as_dicts(args)
     with _only_args(args):
         return SimPOCLI(
-            SimPOModule,
-            PreferenceDataModule,
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
             save_config_callback=SaveConfig,
             save_config_kwargs={"save_to_log_dir": False},
             seed_everything_default=0,
@@ -129,25 +179,50 @@ def cli_main(args: list[str] | None = None) -> SimPOCLI:
         )
 
 
+def run_function(name: str, args: list[str]) -> None:
+    """One of ``COMMANDS``: its options from its signature, or from ``--config`` YAML."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    module, _, attribute = COMMANDS[name].partition(":")
+    function = getattr(importlib.import_module(module), attribute)
+    parser = ArgumentParser(
+        prog=f"simpo-lightning {name}", description=function.__doc__.split("\n")[0], exit_on_error=False
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    parser.add_function_arguments(function, as_positional=False)
+    options = parser.instantiate_classes(parser.parse_args(args)).as_dict()
+    options.pop("config", None)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    function(**options)
+
+
+def overview() -> str:
+    lines = [
+        "usage: simpo-lightning <command> [--config FILE] [options]",
+        "",
+        "Training and evaluation on a LightningModule and LightningDataModule (LightningCLI; default SimPOModule",
+        "and PreferenceDataModule, others by class_path in the YAML):",
+        "  fit, validate, test, predict",
+        "",
+        "Other commands:",
+    ]
+    for name, target in COMMANDS.items():
+        module, _, attribute = target.partition(":")
+        lines.append(f"  {name:<10} {getattr(importlib.import_module(module), attribute).__doc__.splitlines()[0]}")
+    return "\n".join(lines + ["", "Options of a command: simpo-lightning <command> --help"])
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console entry point (``simpo-lightning``); returns None so the exit status is 0.
-    ``export`` is ours; fit, validate, test and predict are LightningCLI's. User errors are one line
-    (``simpo_lightning.errors``)."""
+    """Console entry point (``simpo-lightning``); returns None so the exit status is 0. User errors are one
+    line (``simpo_lightning.errors``)."""
     command = sys.argv[1:] if args is None else args
     with reported():
-        if command[:1] == ["export"]:
-            from jsonargparse import ArgumentParser
-
-            from simpo_lightning.export import export
-
-            parser = ArgumentParser(prog="simpo-lightning export", description=export.__doc__.split("\n")[0],
-                                    exit_on_error=False)
-            parser.add_function_arguments(export, as_positional=False)
-            parsed = parser.parse_args(command[1:])
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
-            print(f"wrote {export(**vars(parsed))}")
-            return
-        cli_main(args)  # None: sys.argv, which Lightning also uses to launch the other processes of a run
+        if command[:1] and command[0] in COMMANDS:
+            run_function(command[0], command[1:])
+        elif not command or command[0] in ("-h", "--help"):
+            print(overview())
+        else:
+            cli_main(args)  # None: sys.argv, which Lightning also uses to launch the other processes of a run
 
 
 if __name__ == "__main__":

@@ -70,8 +70,14 @@ def rows(split: str = "train") -> list[dict]:
             prompt = [{"role": "user", "content": f"{question.format(x=x)} {INSTRUCTION}"}]
             chosen = [{"role": "assistant", "content": answer}]
             for rejected in (verbose.format(x=x, a=answer), wrong):
-                out.append({"prompt": prompt, "chosen": chosen, "rejected": [{"role": "assistant", "content": rejected}],
-                            "reference": answer})
+                out.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": chosen,
+                        "rejected": [{"role": "assistant", "content": rejected}],
+                        "reference": answer,
+                    }
+                )
     return out
 
 

@@ -14,13 +14,15 @@ from typing import Literal
 
 import torch
 
+from simpo_lightning.errors import UserError
 from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy, load_tokenizer, saveable
 
 log = logging.getLogger(__name__)
 
 
-def export(ckpt_path: str, output_dir: str, dtype: Literal["float32", "bfloat16"] | None = None,
-           adapter_only: bool = False) -> Path:
+def export(
+    ckpt_path: str, output_dir: str, dtype: Literal["float32", "bfloat16"] | None = None, adapter_only: bool = False
+) -> Path:
     """Write the policy of a ``fit`` checkpoint as a Hugging Face model folder.
 
     Args:
@@ -33,26 +35,35 @@ def export(ckpt_path: str, output_dir: str, dtype: Literal["float32", "bfloat16"
         The output folder.
     """
     path = Path(ckpt_path)
+    if not path.exists():
+        raise UserError(f"--ckpt_path {path}: no such checkpoint")
     if path.is_dir():
-        raise ValueError(f"{path} is a sharded (distributed) checkpoint; train with ModelParallelStrategy("
-                         "save_distributed_checkpoint=False) to get a single file, or consolidate it first")
+        raise UserError(
+            f"{path} is a sharded (distributed) checkpoint; train with ModelParallelStrategy("
+            "save_distributed_checkpoint=False) to get a single file, or consolidate it first"
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hp = checkpoint["hyper_parameters"]
     policy = PolicyConfig(**{**hp["policy"], "quantization": None})  # the merged model is plain floats
     lora = LoraConfig(**hp["lora"]) if hp.get("lora") else None
     if lora is not None and policy.random_init:
-        raise ValueError("a LoRA checkpoint holds only the adapters, and its random_init base weights were never saved")
+        raise UserError("a LoRA checkpoint holds only the adapters, and its random_init base weights were never saved")
     if adapter_only and lora is None:
-        raise ValueError("adapter_only needs a LoRA checkpoint; this one trained every weight")
+        raise UserError("--adapter_only needs a LoRA checkpoint; this one trained every weight")
     if hp["policy"].get("quantization"):
-        log.warning("the base was trained %s-bit quantized; the export merges the adapters into float weights, "
-                    "so its outputs differ slightly from the quantized model's", hp["policy"]["quantization"]["bits"])
+        log.warning(
+            "the base was trained %s-bit quantized; the export merges the adapters into float weights, "
+            "so its outputs differ slightly from the quantized model's",
+            hp["policy"]["quantization"]["bits"],
+        )
 
     model = build_policy(policy, lora)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or (lora is None and missing):
-        raise ValueError(f"checkpoint does not match the model it names: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(
+            f"checkpoint does not match the model it names: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if lora is not None and not adapter_only:
         model = model.merge_and_unload()
     if dtype is not None:
@@ -63,6 +74,5 @@ def export(ckpt_path: str, output_dir: str, dtype: Literal["float32", "bfloat16"
     saveable(model.get_base_model() if adapter_only else model)
     model.save_pretrained(out)
     load_tokenizer(policy).save_pretrained(out)
-    log.info("exported %s to %s", path, out)
+    print(f"wrote {out}", flush=True)
     return out
-

@@ -18,12 +18,17 @@ code does, because the authors publish their tuned settings that way. The other 
 - TRL's ``CPOConfig(loss_type="simpo", simpo_gamma=...)`` is the absolute γ as well.
 """
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 LossType = Literal["sigmoid", "hinge"]
 
@@ -210,3 +215,50 @@ LOSSES: dict[str, Method] = {
     "orpo": Method(orpo_loss, average=True, sft_weight=1.0),
     "kto": Method(kto_loss, average=False, reference=True, paired=False),
 }
+
+
+@dataclass
+class LossConfig:
+    """The preference loss and its hyperparameters. A field left null takes the method's default
+    (the default of its loss function above); a field the method does not use is ignored with a
+    warning, so switching ``name`` alone is enough to change method."""
+
+    name: Literal["simpo", "dpo", "ipo", "cpo", "orpo", "kto"] = "simpo"
+    """Key in ``LOSSES``. dpo, ipo and kto use a reference model."""
+    beta: float | None = None
+    """β (IPO's τ, ORPO's λ). Default: simpo 2.0, the others 0.1."""
+    gamma_beta_ratio: float | None = None
+    """simpo: target margin γ/β (default 0.5); the paper's γ and TRL's ``simpo_gamma`` are
+    ``beta * gamma_beta_ratio``."""
+    label_smoothing: float | None = None
+    """simpo, dpo, cpo: probability that a preference label is flipped (default 0; sigmoid loss only)."""
+    loss_type: Literal["sigmoid", "hinge"] | None = None
+    """simpo, dpo, cpo: ``sigmoid`` (default) or ``hinge``."""
+    sft_weight: float | None = None
+    """Weight of an NLL term on the chosen (desirable) response tokens, token mean. Default: cpo and orpo 1,
+    the others 0."""
+    desirable_weight: float | None = None
+    """kto: λ_D, weight of desirable examples (default 1)."""
+    undesirable_weight: float | None = None
+    """kto: λ_U, weight of undesirable examples (default 1)."""
+
+    def method(self) -> Method:
+        return LOSSES[self.name]
+
+    def hparams(self) -> dict[str, Any]:
+        """The set fields the loss function takes; warns about set fields it does not take."""
+        accepted = inspect.signature(self.method().loss).parameters
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("name", "sft_weight") or value is None:
+                continue
+            if f.name in accepted:
+                out[f.name] = value
+            else:
+                log.warning("loss.%s = %r is ignored: %s does not use it", f.name, value, self.name)
+        return out
+
+    def nll_weight(self) -> float:
+        """``sft_weight``, or the method's default."""
+        return self.method().sft_weight if self.sft_weight is None else self.sft_weight

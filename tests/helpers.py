@@ -1,4 +1,7 @@
-"""Test helpers: the rounding rule for comparing floating-point paths.
+"""Test helpers: the rounding rule for comparing floating-point paths, the tiny module and Trainer the
+unit tests build, the real command in a subprocess, and readers of the files runs write.
+
+The rounding rule.
 
 Two computations that are equal in exact arithmetic (chunked and full logits, a shared-prompt
 sequence and two separate ones, this package and TRL) differ in floating point by their rounding,
@@ -29,23 +32,52 @@ difference in the computation moves the loss by 1e-2 or more. Where a path can o
 the other path, step by step.
 """
 
+import csv
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import lightning as L
 import torch
 from torch import Tensor
 
-EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
-       torch.float64: torch.finfo(torch.float64).eps}
+from simpo_lightning.data import PreferenceDataModule
+from simpo_lightning.losses import LossConfig
+from simpo_lightning.model import LoraConfig, PolicyConfig
+from simpo_lightning.module import SimPOModule
+from simpo_lightning.reference import ReferenceConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+VOCAB = 49152  # SmolLM2's vocabulary: the longest reduction of a step (the log-softmax)
+TINY_LORA = LoraConfig(r=4, alpha=8)
+
+EPS = {
+    torch.float32: torch.finfo(torch.float32).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float64: torch.finfo(torch.float64).eps,
+}
 
 
-def rounding_bound(reference: Tensor | float, reduction: int, dtype: torch.dtype = torch.float32, c: float = 8.0) -> float:
+def rounding_bound(
+    reference: Tensor | float, reduction: int, dtype: torch.dtype = torch.float32, c: float = 8.0
+) -> float:
     """c · eps(dtype) · √K · max|reference|: the largest error the rule allows (module docstring)."""
     scale = torch.as_tensor(reference).abs().max().item()
     return c * EPS[dtype] * math.sqrt(reduction) * scale
 
 
-def assert_rounding_close(actual: Tensor | float, reference: Tensor | float, reduction: int,
-                          dtype: torch.dtype = torch.float32, c: float = 8.0, what: str = "") -> None:
+def assert_rounding_close(
+    actual: Tensor | float,
+    reference: Tensor | float,
+    reduction: int,
+    dtype: torch.dtype = torch.float32,
+    c: float = 8.0,
+    what: str = "",
+) -> None:
     """``actual`` (computed in ``dtype``) is within the rounding rule of ``reference`` (float64)."""
     actual, reference = torch.as_tensor(actual).double(), torch.as_tensor(reference).double()
     assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
@@ -59,3 +91,196 @@ def assert_curves_equal(curve: list[float], reference: list[float], reduction: i
     assert len(curve) == len(reference) > 0
     for step, (a, b) in enumerate(zip(curve, reference)):
         assert_rounding_close(a, b, reduction, what=f"step {step}")
+
+
+# --------------------------------------------------------------------------- tiny runs
+
+
+def tiny_module(
+    tiny_dir: str,
+    name: str = "simpo",
+    lora: LoraConfig | None = TINY_LORA,
+    sgd: bool = False,
+    reference: ReferenceConfig = ReferenceConfig(),
+    **kwargs,
+) -> SimPOModule:
+    """A module on the tiny model: AdamW at lr 1e-2, or plain SGD (``sgd``, for float64 curves: see the
+    rounding rule), no warm-up."""
+    optimizer = (lambda p: torch.optim.SGD(p, lr=0.5)) if sgd else (lambda p: torch.optim.AdamW(p, lr=1e-2))
+    return SimPOModule(
+        policy=PolicyConfig(name_or_path=tiny_dir),
+        lora=lora,
+        loss=kwargs.pop("loss", LossConfig(name=name)),
+        reference=reference,
+        optimizer=optimizer,
+        warmup_ratio=0.0,
+        **kwargs,
+    )
+
+
+def demo_data(module: SimPOModule, **kwargs) -> PreferenceDataModule:
+    return PreferenceDataModule(tokenizer=module.tokenizer, **({"batch_size": 4, "cache_dir": None} | kwargs))
+
+
+def trainer(**kwargs) -> L.Trainer:
+    """A quiet CPU Trainer: 3 steps, no logger, checkpoints or progress bar, 2 validation batches."""
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+class LossCurve(L.Callback):
+    """Records the training loss of each step."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].item())
+
+
+class GradientsHeld(L.Callback):
+    """Records, after each training batch (gradients are kept until the next step), how many trainable
+    parameters still hold a gradient and the global norm of those gradients."""
+
+    def __init__(self):
+        self.counts, self.norms = [], []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+        self.counts.append(len(grads))
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() if grads else 0.0)
+
+
+class Interrupt(L.Callback):
+    """Stops a run with an exception after ``step`` optimizer steps, as a crash or a kill would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt("interrupted for the test")
+
+
+def snapshot(module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before: dict[str, Tensor], module) -> set[str]:
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+# --------------------------------------------------------------------------- the command
+
+
+FSDP2 = {
+    "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+    "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+}
+TWO_PROCESSES = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", json.dumps(FSDP2)]
+EVERY_STEP_CHECKPOINT = {
+    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1},
+}
+
+
+def csv_logger(save_dir: Path, name: str = "run") -> str:
+    """A CSVLogger writing ``save_dir/name/version_N/metrics.csv``, as a command-line value."""
+    return json.dumps(
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir), "name": name}}
+    )
+
+
+def tiny_args(tiny_dir: str, save_dir: Path, *extra: str, config: str = "tiny.yaml") -> list[str]:
+    """``--config configs/<config>`` on the tiny model, a CSV logger under ``save_dir/run``, a checkpoint
+    every step, no validation, no data cache."""
+    tiny = [
+        "--model.policy.name_or_path",
+        tiny_dir,
+        "--model.policy.random_init",
+        "false",
+        "--model.policy.config_overrides",
+        "{}",
+    ]
+    run = ["--trainer.logger", csv_logger(save_dir), "--trainer.callbacks", json.dumps([EVERY_STEP_CHECKPOINT])]
+    return [
+        "--config",
+        str(ROOT / "configs" / config),
+        *tiny,
+        *run,
+        "--trainer.limit_val_batches",
+        "0",
+        "--data.cache_dir",
+        "null",
+        *extra,
+    ]
+
+
+def run_command(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """The real ``simpo-lightning`` command in a subprocess, without W&B settings or ~/.netrc (HOME is
+    ``cwd``), so W&B must fall back to offline by itself; ``check`` asserts exit status 0. The model
+    cache stays the session's, so the default model is not de-quantized again in every new HOME."""
+    from simpo_lightning.cache import CACHE_ENV, cache_root
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(cwd)}
+    environment |= {CACHE_ENV: str(cache_root())} | env
+    command = [str(Path(sys.executable).with_name("simpo-lightning")), *args]
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+    assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def csv_losses(metrics: Path) -> dict[int, float]:
+    """``train/loss`` by step from a CSVLogger's metrics.csv."""
+    return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")}
+
+
+def wandb_records(path: Path) -> list:
+    """Parse an offline W&B run file (``run-*.wandb``): a 7-byte header, then LevelDB-log records
+    (7-byte header: crc, length, type) in 32 KiB blocks, each payload a ``wandb`` Record protobuf."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32 * 1024
+    assert data[:4] == b":W&B", "not a W&B run file"
+    records, chunk, offset = [], b"", 7
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # trailer too short for a header: skip to the next block
+            offset += block - offset % block
+            continue
+        length, kind = int.from_bytes(data[offset + 4 : offset + 6], "little"), data[offset + 6]
+        if kind == 0 and length == 0:
+            break
+        chunk += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def wandb_history(path: Path) -> tuple[dict, dict]:
+    """Last logged value of every history key, and the run config, from an offline run file."""
+    history, config = {}, {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "config":
+            config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.config.update})
+    return history, config

@@ -5,29 +5,63 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.mark.slow
 def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks/vs_trl.py"), "--tiny", "--steps", "2", "--precisions", "32", "--tunings", "full",
-               "--lean"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/vs_trl.py"),
+        "--tiny",
+        "--steps",
+        "2",
+        "--precisions",
+        "32",
+        "--tunings",
+        "full",
+        "--lean",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| full 32")]
-    assert [row[0] for row in table] == ["| full 32 trl", "| full 32 ours", "| full 32 ours dpo", "| full 32 ours +lean",
-                                         "| full 32 ours dpo +lean", "| full 32 trl +freed-memory"]
+    assert [row[0] for row in table] == [
+        "| full 32 trl",
+        "| full 32 ours",
+        "| full 32 ours dpo",
+        "| full 32 ours +lean",
+        "| full 32 ours dpo +lean",
+        "| full 32 trl +freed-memory",
+    ]
     assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in table)  # pairs/s, peak RSS
-    assert "SimPO / DPO (frozen reference copy)" in result.stdout and "shared prompt, grouped by length (ours)" in result.stdout
+    assert (
+        "SimPO / DPO (frozen reference copy)" in result.stdout
+        and "shared prompt, grouped by length (ours)" in result.stdout
+    )
 
 
 @pytest.mark.slow
 def test_gpu_7b_script_runs_on_cpu_at_tiny_size():
-    command = [sys.executable, str(ROOT / "benchmarks/gpu_7b.py"), "--cpu", "--tiny", "--steps", "1", "--warmup", "0",
-               "--lengths", "64", "128"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/gpu_7b.py"),
+        "--cpu",
+        "--tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--lengths",
+        "64",
+        "128",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| mistral-7b") or line.startswith("| llama-3-8b")]
+    rows = [
+        line.split(" | ")
+        for line in result.stdout.splitlines()
+        if line.startswith("| mistral-7b") or line.startswith("| llama-3-8b")
+    ]
     assert len(rows) == 10 and all(float(row[6]) > 0 for row in rows)  # tokens/s of every run
 
 
@@ -39,3 +73,12 @@ def test_mfu_counts_lora_as_4n_and_refuses_to_print_more_than_the_peak():
     assert mfu_cell(50.0, 100.0) == "50.0%"
     assert mfu_cell(126.0, 100.0) == "failed (126% of the measured peak)"
     assert matmul_peak("float32", shapes=[(64, 32, 16)], repeats=1, sizes=(64,)) > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--cpu", "--steps", "1", "--batch_size", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith("| ok |")]
+    assert [row.split(" | ")[0][2:] for row in rows] == ["lora", "qlora-8bit", "qlora-4bit", "fsdp-1-device-full"]

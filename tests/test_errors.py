@@ -4,6 +4,7 @@ traceback; bugs keep theirs; a failing process ends a multi-process run."""
 import gzip
 import json
 import time
+from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import Callback
@@ -12,7 +13,7 @@ from simpo_lightning.cli import main
 from simpo_lightning.data import DataError
 from simpo_lightning.errors import one_line
 
-from conftest import ROOT, run_command, write_jsonl
+from helpers import ROOT, TWO_PROCESSES, run_command, tiny_args, write_jsonl
 
 GOOD = {"prompt": "Q", "chosen": " yes", "rejected": " no"}
 
@@ -24,8 +25,11 @@ def bad_inputs(folder) -> dict[str, tuple[str, str]]:
         f.write("\n".join(json.dumps({**GOOD, "prompt": f"Q{i}"}) for i in range(200)))
     (folder / "truncated.jsonl.gz").write_bytes((folder / "whole.jsonl.gz").read_bytes()[:-40])
     (folder / "empty.jsonl").write_text("")
-    chat = {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "a"}],
-            "rejected": [{"role": "assistant", "content": "b"}]}
+    chat = {
+        "prompt": [{"role": "user", "content": "Q"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
     files = {
         "missing column": ([GOOD, {"prompt": "Q", "chosen": "a"}], "row 2: missing column 'rejected'"),
         "wrong type": ([GOOD, {**GOOD, "chosen": 3}], "row 2: column 'chosen' must be a string"),
@@ -34,7 +38,10 @@ def bad_inputs(folder) -> dict[str, tuple[str, str]]:
         "all skipped": ([{**GOOD, "chosen": " same", "rejected": " same"}] * 3, "all 3 rows were skipped"),
         "format mix": ([GOOD, chat], "row 2: a conversational row, but row 1 is standard"),
     }
-    cases = {name: (str(write_jsonl(folder / f"{name.replace(' ', '-')}.jsonl", rows)), said) for name, (rows, said) in files.items()}
+    cases = {
+        name: (str(write_jsonl(folder / f"{name.replace(' ', '-')}.jsonl", rows)), said)
+        for name, (rows, said) in files.items()
+    }
     cases["binary file"] = (str(folder / "binary.jsonl"), "not UTF-8 text")
     cases["truncated gz"] = (str(folder / "truncated.jsonl.gz"), "truncated or corrupt")
     cases["empty file"] = (str(folder / "empty.jsonl"), "no rows (the file is empty)")
@@ -43,9 +50,9 @@ def bad_inputs(folder) -> dict[str, tuple[str, str]]:
 
 
 def tiny_fit(tiny_dir: str, *extra: str) -> list[str]:
-    return ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.policy.name_or_path", tiny_dir,
-            "--model.policy.random_init", "false", "--model.policy.config_overrides", "{}", "--trainer.logger", "false",
-            "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--data.cache_dir", "null", *extra]
+    """``fit`` on the tiny model with no logger, callbacks or checkpoints."""
+    quiet = ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
+    return ["fit", *tiny_args(tiny_dir, Path("."), *quiet, *extra)]
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -62,13 +69,21 @@ def test_every_bad_input_is_one_line_and_exit_status_2(tiny_dir, tmp_path, capsy
         assert said in lines[0] and path.split("/")[-1] in lines[0], (name, lines[0])
 
 
-@pytest.mark.parametrize("args, said", [
-    (["--model.loss.loss_type", "cubic"], "model.loss.loss_type: got 'cubic'; expected one of 'sigmoid', 'hinge' or null"),
-    (["--model.los.beta", "3"], "unrecognized arguments: --model.los.beta 3"),
-    (["--model.policy.name_or_path", "/no/such/model"], "model.policy.name_or_path: no such folder /no/such/model"),
-    (["--ckpt_path", "/no/such.ckpt"], "--ckpt_path /no/such.ckpt: no such checkpoint"),
-    (["--config", "/no/such.yaml"], "config: File does not exist: '/no/such.yaml'"),
-], ids=["bad value", "unknown key", "model path", "checkpoint", "config file"])
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (
+            ["--model.loss.loss_type", "cubic"],
+            "model.loss.loss_type: got 'cubic'; expected one of 'sigmoid', 'hinge' or null",
+        ),
+        (["--model.los.beta", "3"], "model: unrecognized arguments: --los.beta=3"),
+        (["--data.batch_size", "four"], "data.batch_size: got 'four'; expected int (see --help)"),
+        (["--model.policy.name_or_path", "/no/such/model"], "model.policy.name_or_path: no such folder /no/such/model"),
+        (["--ckpt_path", "/no/such.ckpt"], "--ckpt_path /no/such.ckpt: no such checkpoint"),
+        (["--config", "/no/such.yaml"], "config: File does not exist: '/no/such.yaml'"),
+    ],
+    ids=["bad value", "unknown key", "bad type", "model path", "checkpoint", "config file"],
+)
 def test_configuration_errors_are_one_line(tiny_dir, capsys, args, said):
     with pytest.raises(SystemExit) as exit:
         main(tiny_fit(tiny_dir, *args))
@@ -77,9 +92,11 @@ def test_configuration_errors_are_one_line(tiny_dir, capsys, args, said):
 
 
 def test_one_line_condenses_jsonargparse_messages():
-    text = ('Parser key "data.batch_size":\n  Does not validate against any of the Union subtypes\n  Subtypes: '
-            "[<class 'int'>, <class 'NoneType'>]\n  Errors:\n    - Expected a <class 'int'>\n    - Expected a <class "
-            "'NoneType'>\n  Given value type: <class 'str'>\n  Given value: four")
+    text = (
+        'Parser key "data.batch_size":\n  Does not validate against any of the Union subtypes\n  Subtypes: '
+        "[<class 'int'>, <class 'NoneType'>]\n  Errors:\n    - Expected a <class 'int'>\n    - Expected a <class "
+        "'NoneType'>\n  Given value type: <class 'str'>\n  Given value: four"
+    )
     assert one_line(ValueError(text)) == "data.batch_size: got 'four'; expected int or null (see --help)"
     assert one_line(ValueError("first\n  second")) == "first second"
 
@@ -90,7 +107,8 @@ def test_the_console_script_prints_one_line_and_exits_2(tiny_dir, tmp_path):
     path = str(write_jsonl(tmp_path / "d.jsonl", [GOOD, {"prompt": "Q"}]))
     result = run_command(tiny_fit(tiny_dir, "--data.train_data", path), tmp_path, check=False)
     assert result.returncode == 2 and error_lines(result.stderr) == [
-        f"simpo-lightning: error: {path} row 2: missing column 'chosen' (has ['prompt']); set data.columns"]
+        f"simpo-lightning: error: {path} row 2: missing column 'chosen' (has ['prompt']); set data.columns"
+    ]
 
 
 def test_debugging_shows_the_traceback_and_bugs_keep_theirs(tiny_dir, tmp_path, monkeypatch):
@@ -121,12 +139,9 @@ class FailIn(Callback):
 def test_an_error_in_one_process_ends_the_whole_run(tiny_dir, tmp_path, rank):
     """Two FSDP2 processes; one fails at set-up while the other goes on to its first collective and
     would wait there for ever: the run must end, non-zero, with the one-line error."""
-    strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
-    fail = {"class_path": "test_errors.FailIn", "init_args": {"rank": rank}}
+    fail = json.dumps([{"class_path": "test_errors.FailIn", "init_args": {"rank": rank}}])
     start = time.perf_counter()
-    result = run_command(tiny_fit(tiny_dir, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.batch_size", "2",
-                                  "--trainer.strategy", json.dumps(strategy), "--trainer.callbacks", json.dumps([fail])),
-                         tmp_path, check=False, PYTHONPATH=str(ROOT / "tests"))
+    args = tiny_fit(tiny_dir, *TWO_PROCESSES, "--data.batch_size", "2", "--trainer.callbacks", fail)
+    result = run_command(args, tmp_path, check=False, PYTHONPATH=str(ROOT / "tests"))
     assert result.returncode != 0 and time.perf_counter() - start < 120
     assert "failed on purpose" in " ".join(error_lines(result.stderr))

@@ -1,9 +1,21 @@
+import logging
 import math
 
 import pytest
 import torch
 
-from simpo_lightning.losses import LOSSES, cpo_loss, dpo_loss, ipo_loss, kto_kl, kto_loss, log1mexp, orpo_loss, simpo_loss
+from simpo_lightning.losses import (
+    LOSSES,
+    LossConfig,
+    cpo_loss,
+    dpo_loss,
+    ipo_loss,
+    kto_kl,
+    kto_loss,
+    log1mexp,
+    orpo_loss,
+    simpo_loss,
+)
 
 CHOSEN = torch.tensor([-1.0, -2.0])
 REJECTED = torch.tensor([-2.0, -1.0])
@@ -59,8 +71,12 @@ def test_registry():
     assert {name for name, m in LOSSES.items() if m.average} == {"simpo", "ipo", "orpo"}
 
 
-SUMS = dict(chosen_logps=torch.tensor([-10.0]), rejected_logps=torch.tensor([-12.0]),
-            ref_chosen_logps=torch.tensor([-11.0]), ref_rejected_logps=torch.tensor([-11.0]))
+SUMS = dict(
+    chosen_logps=torch.tensor([-10.0]),
+    rejected_logps=torch.tensor([-12.0]),
+    ref_chosen_logps=torch.tensor([-11.0]),
+    ref_rejected_logps=torch.tensor([-11.0]),
+)
 
 
 def test_dpo_by_hand():
@@ -98,7 +114,8 @@ def test_cpo_is_dpo_without_a_reference():
 
 
 def test_orpo_by_hand():
-    """P_w = 0.5 (odds 1), P_l = 0.25 (odds 1/3): log odds ratio = log 3, loss = -0.1 · log σ(log 3) = -0.1 · log 0.75."""
+    """P_w = 0.5 (odds 1), P_l = 0.25 (odds 1/3): log odds ratio = log 3,
+    loss = -0.1 · log σ(log 3) = -0.1 · log 0.75."""
     losses, chosen, _ = orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]), beta=0.1)
     assert losses.item() == pytest.approx(-0.1 * math.log(0.75), rel=1e-6)
     assert chosen.item() == pytest.approx(0.1 * math.log(0.5))
@@ -113,8 +130,23 @@ def test_log1mexp_is_accurate_on_both_branches():
 def test_kto_by_hand():
     """β = 1, z₀ = 0.2, ρ = (0.5, -0.5): desirable 1 - σ(0.5 - 0.2) = 0.42556; undesirable with λ_U = 2:
     2 · (1 - σ(0.2 + 0.5)) = 0.66362."""
-    losses, rewards = kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.5]), torch.tensor([True, False]),
-                               torch.tensor(0.2), beta=1.0, undesirable_weight=2.0)
+    losses, rewards = kto_loss(
+        torch.tensor([-1.0, -2.0]),
+        torch.tensor([-1.5, -1.5]),
+        torch.tensor([True, False]),
+        torch.tensor(0.2),
+        beta=1.0,
+        undesirable_weight=2.0,
+    )
     assert losses.tolist() == pytest.approx([0.425557, 0.663624], abs=1e-6)
     assert rewards.tolist() == [0.5, -0.5]
     assert kto_kl(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -3.0])).item() == -0.5  # clamped by the caller
+
+
+def test_loss_settings_take_method_defaults_and_warn_when_ignored(caplog):
+    assert LossConfig(name="dpo").hparams() == {}  # β from dpo_loss's signature: 0.1
+    with caplog.at_level(logging.WARNING):
+        assert LossConfig(name="dpo", beta=0.2, gamma_beta_ratio=0.5).hparams() == {"beta": 0.2}
+    assert "gamma_beta_ratio" in caplog.text and "dpo" in caplog.text
+    assert LossConfig(name="cpo").nll_weight() == 1.0 and LossConfig(name="simpo").nll_weight() == 0.0
+    assert LossConfig(name="orpo", sft_weight=0.3).nll_weight() == 0.3

@@ -5,8 +5,9 @@ the same tiny model (the policy perturbed away from the reference, so log-ratios
 Losses, rewards, log-probs, gradients and one optimizer step must agree by the rounding rule of
 ``helpers``: CPO, ORPO and SimPO run in float64 on both sides; TRL's DPO and KTO compute their
 log-probs with a fused float32 output head whatever the model's dtype, so there TRL runs in float32
-and this package in float64, and TRL's values are held to the float32 rule around ours. Where TRL's definition differs on purpose, the documented
-mapping is tested: the margin (TRL's absolute ``simpo_gamma`` = β · ``gamma_beta_ratio``), IPO's
+and this package in float64, and TRL's values are held to the float32 rule around ours. Where TRL's
+definition differs on purpose, the documented mapping is tested: the margin (TRL's absolute
+``simpo_gamma`` = β · ``gamma_beta_ratio``), IPO's
 logged rewards (TRL: β times the summed log-ratio; here: of the averaged one, which the loss
 uses) and ORPO's NLL term (TRL: over prompt and response; here: over the response, as the paper).
 """
@@ -17,18 +18,23 @@ import os
 import pytest
 import torch
 
-from simpo_lightning.data import mismatched_batch
+from simpo_lightning.batch import PairBatch, Sequences, UnpairedBatch, mismatched
 from simpo_lightning.logprobs import IGNORE_INDEX
 from simpo_lightning.model import PolicyConfig
 from simpo_lightning.module import LossConfig, SimPOModule
+from simpo_lightning.scoring import score_sequences
 
-from helpers import assert_rounding_close, rounding_bound
+from helpers import rounding_bound
 
 trl = pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 ROWS = [
-    {"prompt": "Question: what is the capital of France?\nAnswer:", "chosen": " Paris", "rejected": " The capital is Rome, I think."},
+    {
+        "prompt": "Question: what is the capital of France?\nAnswer:",
+        "chosen": " Paris",
+        "rejected": " The capital is Rome, I think.",
+    },
     {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."},
     {"prompt": "Name a colour:", "chosen": " blue, like the sky", "rejected": " seven"},
     {"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5 or maybe 22"},
@@ -74,21 +80,30 @@ def pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
 
 
-def from_chosen_rejected(batch, pad_token_id):
+def from_chosen_rejected(batch, pad_token_id) -> PairBatch:
     """TRL's CPO/ORPO batches (separate chosen/rejected tensors) padded to one width."""
     length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    out = {}
-    for side in ("chosen", "rejected"):
-        out[f"{side}_input_ids"] = pad_to(batch[f"{side}_input_ids"], length, pad_token_id)
-        out[f"{side}_attention_mask"] = pad_to(batch[f"{side}_attention_mask"], length, 0)
-        out[f"{side}_labels"] = pad_to(batch[f"{side}_labels"], length, IGNORE_INDEX)
-    return out
+    sides = [
+        Sequences(
+            pad_to(batch[f"{side}_input_ids"], length, pad_token_id),
+            pad_to(batch[f"{side}_attention_mask"], length, 0),
+            pad_to(batch[f"{side}_labels"], length, IGNORE_INDEX),
+        )
+        for side in ("chosen", "rejected")
+    ]
+    return PairBatch(*sides)
 
 
-def from_completion_mask(batch, prefix: str = ""):
-    """TRL's DPO/KTO batches (``input_ids`` with a ``completion_mask``) as our sequence tensors."""
+def from_completion_mask(batch, prefix: str = "") -> Sequences:
+    """TRL's DPO/KTO batches (``input_ids`` with a ``completion_mask``) as our sequences."""
     labels = batch[f"{prefix}input_ids"].masked_fill(batch[f"{prefix}completion_mask"] == 0, IGNORE_INDEX)
-    return {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"], "labels": labels}
+    return Sequences(batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], labels)
+
+
+def halves(seqs: Sequences) -> PairBatch:
+    """TRL's concatenated chosen-then-rejected rows as a pair batch."""
+    n = len(seqs) // 2
+    return PairBatch(seqs.rows(slice(0, n)), seqs.rows(slice(n, None)))
 
 
 def assert_same_step(ours_model, ours_loss, trl_model, trl_loss, dtype: torch.dtype, relative: float = 0.0):
@@ -115,53 +130,82 @@ def assert_same_step(ours_model, ours_loss, trl_model, trl_loss, dtype: torch.dt
         assert (ours_update - trl_update).abs().max() <= bound, name
 
 
-@pytest.mark.parametrize("beta, gamma_beta_ratio, sft_weight, label_smoothing", [(2.0, 0.5, 0.0, 0.0), (10.0, 0.3, 0.5, 0.1)])
-def test_simpo_matches_trl_cpo_trainer(tiny_dir, tokenizer, tmp_path, beta, gamma_beta_ratio, sft_weight, label_smoothing):
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+PAIR_METRICS += ("logps/chosen", "logps/rejected")
 
-    module = ours(tiny_dir, beta=beta, gamma_beta_ratio=gamma_beta_ratio, sft_weight=sft_weight, label_smoothing=label_smoothing)
-    args = CPOConfig(
-        output_dir=str(tmp_path), loss_type="simpo", beta=beta, simpo_gamma=beta * gamma_beta_ratio, cpo_alpha=sft_weight,
-        label_smoothing=label_smoothing, max_length=128, per_device_train_batch_size=4, report_to="none", use_cpu=True,
-    )
+
+def assert_cpo_parity(module, tiny_dir, tokenizer, args) -> None:
+    """Our step against TRL's CPOTrainer (which runs SimPO and CPO) on its batch, both in float64."""
+    from trl.experimental.cpo import CPOTrainer
+
     policy = trl_models(module, tiny_dir, torch.float64)[0]
     reference = CPOTrainer(model=policy, args=args, train_dataset=dataset(ROWS), processing_class=tokenizer)
     batch = next(iter(reference.get_train_dataloader()))
     trl_loss, trl_metrics = reference.get_batch_loss_metrics(reference.model, batch)
     loss, metrics = module.step(from_chosen_rejected(batch, tokenizer.pad_token_id))
-
     agree(loss, trl_loss.detach(), torch.float64, what="loss")
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for name in PAIR_METRICS:
         agree(metrics[name].mean(), trl_metrics[name], torch.float32, what=name)  # both log in float32
     assert_same_step(module.model, loss, reference.model, trl_loss, torch.float64)
+
+
+@pytest.mark.parametrize(
+    "beta, gamma_beta_ratio, sft_weight, label_smoothing", [(2.0, 0.5, 0.0, 0.0), (10.0, 0.3, 0.5, 0.1)]
+)
+def test_simpo_matches_trl_cpo_trainer(
+    tiny_dir, tokenizer, tmp_path, beta, gamma_beta_ratio, sft_weight, label_smoothing
+):
+    from trl.experimental.cpo import CPOConfig
+
+    module = ours(
+        tiny_dir, beta=beta, gamma_beta_ratio=gamma_beta_ratio, sft_weight=sft_weight, label_smoothing=label_smoothing
+    )
+    args = CPOConfig(
+        output_dir=str(tmp_path),
+        loss_type="simpo",
+        beta=beta,
+        simpo_gamma=beta * gamma_beta_ratio,
+        cpo_alpha=sft_weight,
+        label_smoothing=label_smoothing,
+        max_length=128,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+    )
+    assert_cpo_parity(module, tiny_dir, tokenizer, args)
 
 
 @pytest.mark.parametrize("label_smoothing, loss_type", [(0.0, "sigmoid"), (0.1, "sigmoid"), (0.0, "hinge")])
 def test_cpo_matches_trl_cpo_trainer(tiny_dir, tokenizer, tmp_path, label_smoothing, loss_type):
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.cpo import CPOConfig
 
     module = ours(tiny_dir, name="cpo", beta=0.5, label_smoothing=label_smoothing, loss_type=loss_type)
-    args = CPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=0.5, label_smoothing=label_smoothing,
-                     max_length=128, per_device_train_batch_size=4, report_to="none", use_cpu=True)  # cpo_alpha 1.0
-    policy = trl_models(module, tiny_dir, torch.float64)[0]
-    reference = CPOTrainer(model=policy, args=args, train_dataset=dataset(ROWS), processing_class=tokenizer)
-    batch = next(iter(reference.get_train_dataloader()))
-    trl_loss, trl_metrics = reference.get_batch_loss_metrics(reference.model, batch)
-    loss, metrics = module.step(from_chosen_rejected(batch, tokenizer.pad_token_id))
-
+    args = CPOConfig(
+        output_dir=str(tmp_path),
+        loss_type=loss_type,
+        beta=0.5,
+        label_smoothing=label_smoothing,
+        max_length=128,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+    )  # cpo_alpha 1.0
     assert module.sft_weight == args.cpo_alpha == 1.0
-    agree(loss, trl_loss.detach(), torch.float64, what="loss")
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
-        agree(metrics[name].mean(), trl_metrics[name], torch.float32, what=name)  # both log in float32
-    assert_same_step(module.model, loss, reference.model, trl_loss, torch.float64)
+    assert_cpo_parity(module, tiny_dir, tokenizer, args)
 
 
 def test_orpo_matches_trl_orpo_trainer(tiny_dir, tokenizer, tmp_path):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     module = ours(tiny_dir, name="orpo", beta=0.25)
-    args = ORPOConfig(output_dir=str(tmp_path), beta=0.25, max_length=128, per_device_train_batch_size=4,
-                      report_to="none", use_cpu=True)
+    args = ORPOConfig(
+        output_dir=str(tmp_path),
+        beta=0.25,
+        max_length=128,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+    )
     policy = trl_models(module, tiny_dir, torch.float64)[0]
     reference = ORPOTrainer(model=policy, args=args, train_dataset=dataset(ROWS), processing_class=tokenizer)
     batch = next(iter(reference.get_train_dataloader()))
@@ -169,13 +213,19 @@ def test_orpo_matches_trl_orpo_trainer(tiny_dir, tokenizer, tmp_path):
         trl_loss, trl_metrics = reference.get_batch_loss_metrics(reference.model, batch)
         loss, metrics = module.step(from_chosen_rejected(batch, tokenizer.pad_token_id))
 
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for name in PAIR_METRICS:
         agree(metrics[name].mean(), trl_metrics[name], torch.float32, what=name)  # both log in float32
     # The odds-ratio term agrees exactly; the NLL term differs by design: TRL's covers the prompt too.
     lengths = metrics["lengths/chosen"]
     our_nll = -(metrics["logps/chosen"] * lengths).sum() / lengths.sum()
     assert module.sft_weight == 1.0
-    agree(loss - our_nll, trl_loss - trl_metrics["nll_loss"], torch.float32, scale=abs(trl_loss.item()), what="odds-ratio term")  # logged nll: float32
+    agree(
+        loss - our_nll,
+        trl_loss - trl_metrics["nll_loss"],
+        torch.float32,
+        scale=abs(trl_loss.item()),
+        what="odds-ratio term",
+    )  # logged nll: float32
     agree(metrics["loss"].mean(), -trl_metrics["log_odds_ratio"] * 0.25, torch.float32, what="loss")  # logged: float32
 
     # Gradients of the odds-ratio term alone.
@@ -192,20 +242,29 @@ def test_dpo_and_ipo_match_trl_dpo_trainer(tiny_dir, tokenizer, tmp_path, name, 
 
     module = ours(tiny_dir, name=name, beta=0.5, **({"loss_type": loss_type} if name == "dpo" else {}))
     policy, ref = trl_models(module, tiny_dir, torch.float32)
-    args = DPOConfig(output_dir=str(tmp_path), loss_type=[loss_type], beta=0.5, max_length=128,
-                     per_device_train_batch_size=4, report_to="none", use_cpu=True)
-    reference = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset(ROWS), processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        loss_type=[loss_type],
+        beta=0.5,
+        max_length=128,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+    )
+    reference = DPOTrainer(
+        model=policy, ref_model=ref, args=args, train_dataset=dataset(ROWS), processing_class=tokenizer
+    )
     batch = next(iter(reference.get_train_dataloader()))
     trl_loss = reference.compute_loss(reference.model, batch)
     trl_metrics = {k: v[-1] for k, v in reference._metrics["train"].items()}
-    seqs, n = from_completion_mask(batch), len(ROWS)
-    ours_batch = {f"{side}_{k}": v[rows] for k, v in seqs.items() for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None)))}
+    seqs = from_completion_mask(batch)
+    ours_batch = halves(seqs)
     # Our reference forward against TRL's; then TRL's reference log-probs go in through our precomputed-
     # reference input, so what follows compares the policy side alone.
     trl_ref = torch.cat(reference.compute_ref_log_probs(reference.ref_model, batch))
-    ours_ref = module.reference_logps(lambda model: module.sequence_stats(model, **seqs))
+    ours_ref = module.reference.sum_logps(module.model, lambda model: score_sequences(model, seqs, module.chunk))
     agree(ours_ref, trl_ref, torch.float32, what="reference log-probs")
-    ours_batch["ref_chosen_logps"], ours_batch["ref_rejected_logps"] = trl_ref.chunk(2)
+    ours_batch.ref_chosen_logps, ours_batch.ref_rejected_logps = trl_ref.chunk(2)
     loss, metrics = module.step(ours_batch)
 
     # Every value below derives from summed log-probs, whose size sets TRL's float32 rounding.
@@ -219,7 +278,13 @@ def test_dpo_and_ipo_match_trl_dpo_trainer(tiny_dir, tokenizer, tmp_path, name, 
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         metrics["rewards/accuracies"] = (metrics["rewards/margins"] > 0).float()
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
-        agree(metrics[key].mean(), trl_metrics[key], torch.float32, scale / 0.5 if key.startswith("logps") else scale, what=key)
+        agree(
+            metrics[key].mean(),
+            trl_metrics[key],
+            torch.float32,
+            scale / 0.5 if key.startswith("logps") else scale,
+            what=key,
+        )
     assert metrics["rewards/accuracies"].mean().item() == trl_metrics["rewards/accuracies"]
     assert_same_step(module.model, loss, reference.model, trl_loss, torch.float32)
 
@@ -235,23 +300,36 @@ def test_kto_matches_trl_kto_trainer(tiny_dir, tokenizer, tmp_path, seed):
 
     module = ours(tiny_dir, seed=seed, name="kto", beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
     policy, ref = trl_models(module, tiny_dir, torch.float32)
-    unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"} for side in ("chosen", "rejected") for r in ROWS]
-    args = KTOConfig(output_dir=str(tmp_path), beta=0.5, desirable_weight=1.0, undesirable_weight=1.5, max_length=128,
-                     per_device_train_batch_size=len(unpaired), report_to="none", use_cpu=True)
-    reference = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset(unpaired), processing_class=tokenizer)
+    unpaired = [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for side in ("chosen", "rejected")
+        for r in ROWS
+    ]
+    args = KTOConfig(
+        output_dir=str(tmp_path),
+        beta=0.5,
+        desirable_weight=1.0,
+        undesirable_weight=1.5,
+        max_length=128,
+        per_device_train_batch_size=len(unpaired),
+        report_to="none",
+        use_cpu=True,
+    )
+    reference = KTOTrainer(
+        model=policy, ref_model=ref, args=args, train_dataset=dataset(unpaired), processing_class=tokenizer
+    )
     batch = next(iter(reference.get_train_dataloader()))
     assert batch["label"].tolist() == [r["label"] for r in unpaired]
     trl_loss = reference.compute_loss(reference.model, batch)
     trl_metrics = {k: v[-1] for k, v in reference._metrics["train"].items()}
 
     seqs = from_completion_mask(batch)
-    kl_seqs = mismatched_batch(**seqs, pad_token_id=tokenizer.pad_token_id)
-    width = kl_seqs["input_ids"].shape[1]
-    assert torch.equal(kl_seqs["input_ids"], batch["KL_input_ids"][:, :width])
-    assert torch.equal(kl_seqs["labels"], from_completion_mask(batch, "KL_")["labels"][:, :width])
-    unpaired_batch = {f"completion_{k}": v for k, v in seqs.items()} | {"desirable": batch["label"]}
-    n = len(ROWS)
-    paired_batch = {f"{side}_{k}": v[rows] for k, v in seqs.items() for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None)))}
+    kl_seqs = mismatched(seqs, pad_token_id=tokenizer.pad_token_id)
+    width = kl_seqs.input_ids.shape[1]
+    assert torch.equal(kl_seqs.input_ids, batch["KL_input_ids"][:, :width])
+    assert torch.equal(kl_seqs.labels, from_completion_mask(batch, "KL_").labels[:, :width])
+    unpaired_batch = UnpairedBatch(seqs, batch["label"], kl_seqs)
+    paired_batch = halves(seqs)
     with torch.no_grad():
         paired_loss, paired_metrics = module.step(paired_batch)
     loss, metrics = module.step(unpaired_batch)

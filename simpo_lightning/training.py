@@ -1,0 +1,173 @@
+"""What every training LightningModule of this package shares, whatever it trains: the train,
+validation and test steps around its own ``step``, the optimizer and learning-rate schedule, gradient
+clipping where Lightning refuses it, the optimizer step in the backward pass, skipping non-finite
+losses, step timing, and LoRA checkpoints that hold only the trainable weights.
+
+A subclass implements ``step(batch) -> (loss, per-example metrics)``, sets ``self.optimizer`` (a
+callable from parameters to an optimizer), ``self.policy`` and ``self.lora`` (the model's configs) and
+``self.val_metrics = metric_states(names)``, and saves these hyperparameters: ``warmup_ratio``,
+``lr_schedule``, ``max_nonfinite_steps``, ``optimizer_in_backward``, ``logits_chunk``.
+"""
+
+import logging
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from simpo_lightning.model import shard
+from simpo_lightning.optim import OptimizerInBackward
+
+log = logging.getLogger(__name__)
+
+
+def metric_states(names: list[str]) -> nn.ModuleDict:
+    """A running mean per logged metric name, so validation reports whole-set means (across processes)."""
+    return nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in names})
+
+
+class TrainingModule(L.LightningModule):
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+
+    def step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and per-example metrics (each ``[B]``, under their logged names) of one batch."""
+        raise NotImplementedError
+
+    @property
+    def chunk(self) -> int | None:
+        """``logits_chunk``, except under ModelParallelStrategy (whose sharded head needs the model's own forward)."""
+        return self.hparams.logits_chunk if self.device_mesh is None else None
+
+    def sharded(self, model: nn.Module) -> nn.Module:
+        """Under ModelParallelStrategy, ``model`` sharded with FSDP2 over the data-parallel dimension; else itself."""
+        if self.device_mesh is None:
+            return model
+        if self.policy.quantization is not None:
+            raise ValueError(
+                "policy.quantization cannot be combined with ModelParallelStrategy (bitsandbytes weights do not shard)"
+            )
+        return shard(model, self.device_mesh["data_parallel"])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        loss, metrics = self.step(batch)
+        if not torch.isfinite(loss):
+            return self.skip_nonfinite(loss)
+        self.nonfinite_in_a_row = 0
+        n = len(metrics["loss"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)  # the mean over all processes
+        self.log_dict({f"train/{k}": v.mean() for k, v in metrics.items() if k != "loss" and v.numel()}, batch_size=n)
+        return loss
+
+    def _eval_step(self, batch: Any, prefix: str) -> None:
+        _, metrics = self.step(batch)
+        for key, values in metrics.items():
+            if not values.numel():
+                continue
+            metric = self.val_metrics[key.replace("/", "_")]
+            metric.update(values)
+            self.log(f"{prefix}/{key}", metric, prog_bar=key == "rewards/accuracies")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.optimizer_in_backward:
+            self._check_in_backward()
+            optimizer = OptimizerInBackward(params, self.optimizer)
+        else:
+            optimizer = self.optimizer(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+        schedule = self.hparams.lr_schedule
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return step / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[
+                schedule
+            ]
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clipping by global norm where Lightning's own path refuses two setups the configs use:
+        FSDPStrategy (sharded gradients need the FSDP root's ``clip_grad_norm_``) and a fused optimizer
+        under bf16-mixed (Lightning guards against float16 loss scaling, which bfloat16 does not use)."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            root = self.trainer.strategy.model
+            if isinstance(root, FullyShardedDataParallel):
+                root.clip_grad_norm_(gradient_clip_val)
+                return
+            if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _check_in_backward(self) -> None:
+        trainer = self.trainer
+        conflicts = {
+            "more than one process": trainer.world_size > 1,
+            "trainer.accumulate_grad_batches > 1": trainer.accumulate_grad_batches > 1,
+            "trainer.gradient_clip_val": bool(trainer.gradient_clip_val),
+            "precision 16-mixed (loss scaling)": str(trainer.precision).startswith("16"),
+        }
+        found = [name for name, present in conflicts.items() if present]
+        if found:
+            raise ValueError(
+                f"model.optimizer_in_backward needs every gradient only once, at its own step; it cannot "
+                f"be combined with {', '.join(found)}"
+            )
+
+    def skip_nonfinite(self, loss: Tensor) -> None:
+        """Counts and logs a non-finite loss, whose step is then skipped (``training_step`` returns None);
+        ``max_nonfinite_steps`` of them in a row stop training."""
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        log.warning(
+            "non-finite loss %s at step %d: skipped (%d so far)", loss.item(), self.global_step, self.nonfinite_steps
+        )
+        if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row: lower the learning rate, use float32 or "
+                "bf16-mixed instead of 16-mixed, or check the data"
+            )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._step_start
+        self.log("train/tokens_per_sec", batch.tokens() / seconds, prog_bar=True)
+        self.log("train/step_seconds", seconds)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+
+    def on_train_end(self) -> None:
+        for optimizer in self.trainer.optimizers:
+            if isinstance(optimizer, OptimizerInBackward):
+                optimizer.remove_hooks()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A LoRA checkpoint holds the trainable weights only; the base reloads from its source. Sharded
+        # (distributed) checkpoints keep every key: their loader expects the model's full state dict.
+        if self.lora is not None and self.device_mesh is None:
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
