@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["simpo", "dpo", "ipo", "cpo", "orpo", "kto"]
+METHODS = ["simpo", "dpo", "ipo", "cpo", "orpo", "kto", "alphapo", "simper", "lndpo", "rdpo"]
 
 
 def run(method: str, extra: list[str], workdir: Path) -> dict[str, float]:

@@ -192,6 +192,99 @@ def kto_loss(
     return losses, beta * ratios.detach()
 
 
+def alphapo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.5,
+    alphapo_alpha: float = 0.25,
+    label_smoothing: float = 0.0,
+    loss_type: LossType = "sigmoid",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AlphaPO ("AlphaPO: Reward Shape Matters for LLM Alignment", 2025, arXiv:2501.03884): SimPO with the
+    reward reshaped.
+
+    With p = exp(mean log-prob), the length-normalised probability, the reward is
+    r = (1 - p^(-α)) / α = -expm1(-α · logps) / α, α = ``alphapo_alpha``; α → 0 gives SimPO's
+    r = logps, and α > 0 bends it so that the gradient weighs likely responses more. Then as
+    ``simpo_loss``: h = β · (r_w - r_l - γ/β). TRL: ``CPOTrainer(loss_type="alphapo", alpha=α)``.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are β · r, detached.
+    """
+    chosen_r, rejected_r = _alpha_reward(chosen_logps, alphapo_alpha), _alpha_reward(rejected_logps, alphapo_alpha)
+    losses = _binary(beta * (chosen_r - rejected_r - gamma_beta_ratio), label_smoothing, loss_type)
+    return losses, beta * chosen_r.detach(), beta * rejected_r.detach()
+
+
+def _alpha_reward(logps: Tensor, alpha: float) -> Tensor:
+    return logps if alpha == 0 else -torch.expm1(-alpha * logps) / alpha
+
+
+def simper_loss(chosen_logps: Tensor, rejected_logps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPER ("SimPER: A Minimalist Approach to Preference Alignment without Hyperparameters", ICLR 2025):
+    no hyperparameters, no reference model.
+
+    With the inverse perplexity exp(mean log-prob) of each response:
+    loss = -exp(logps_w) + exp(logps_l), so the chosen response's perplexity falls and the rejected one's rises.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are the inverse perplexities, detached.
+    """
+    chosen, rejected = chosen_logps.exp(), rejected_logps.exp()
+    return rejected - chosen, chosen.detach(), rejected.detach()
+
+
+def lndpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 2.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LN-DPO: DPO on length-normalised log-ratios ("A Practical Analysis of Human Alignment with *PO",
+    2024), TRL's ``DPOTrainer(loss_type="sigmoid_norm")``.
+
+    With ρ̄ = (log π(y|x) - log π_ref(y|x)) / |y|: loss = -log σ(β · (ρ̄_w - ρ̄_l)). Default β = 2.0, not DPO's
+    0.1: ρ̄ is a per-token quantity, |y| times smaller than DPO's summed ρ, so β must be about |y| times
+    larger to put the same pressure on a response of |y| tokens (0.1 × 20 tokens), the scale SimPO uses for
+    its own per-token reward.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are β · ρ̄ (of the averaged
+        ratios the loss uses; TRL logs β times the summed ratio), detached.
+    """
+    chosen_ratios, rejected_ratios = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_ratios - rejected_ratios))
+    return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
+
+
+def rdpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    beta: float = 0.1,
+    rdpo_alpha: float = 0.01,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """R-DPO (Park et al., 2024, arXiv:2403.19159): DPO with a length penalty inside the sigmoid.
+
+    With ρ the summed log-ratios and |y| the response lengths in tokens:
+    loss = -log σ(β · (ρ_w - ρ_l) - α · (|y_w| - |y_l|)), α = ``rdpo_alpha``. The penalty must sit inside
+    the sigmoid: added outside it would be a constant of the parameters, with no gradient. α = 0 is DPO.
+    Default α = 0.01 (with β = 0.1), untuned: the paper searches it per data set.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are β · ρ, detached.
+    """
+    chosen_ratios, rejected_ratios = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    penalty = rdpo_alpha * (chosen_lengths - rejected_lengths).to(chosen_ratios.dtype)
+    losses = -F.logsigmoid(beta * (chosen_ratios - rejected_ratios) - penalty)
+    return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
+
+
 @dataclass(frozen=True)
 class Method:
     """How the LightningModule feeds a loss."""
@@ -205,6 +298,8 @@ class Method:
     """Default weight of the NLL term on the chosen (desirable) response tokens."""
     paired: bool = True
     """False: unpaired completions with a desirable label (KTO)."""
+    lengths: bool = False
+    """Takes the response lengths ``chosen_lengths``, ``rejected_lengths`` (tokens) as well."""
 
 
 LOSSES: dict[str, Method] = {
@@ -214,6 +309,10 @@ LOSSES: dict[str, Method] = {
     "cpo": Method(cpo_loss, average=False, sft_weight=1.0),
     "orpo": Method(orpo_loss, average=True, sft_weight=1.0),
     "kto": Method(kto_loss, average=False, reference=True, paired=False),
+    "alphapo": Method(alphapo_loss, average=True),
+    "simper": Method(simper_loss, average=True),
+    "lndpo": Method(lndpo_loss, average=True, reference=True),
+    "rdpo": Method(rdpo_loss, average=False, reference=True, lengths=True),
 }
 
 
@@ -223,17 +322,21 @@ class LossConfig:
     (the default of its loss function above); a field the method does not use is ignored with a
     warning, so switching ``name`` alone is enough to change method."""
 
-    name: Literal["simpo", "dpo", "ipo", "cpo", "orpo", "kto"] = "simpo"
-    """Key in ``LOSSES``. dpo, ipo and kto use a reference model."""
+    name: Literal["simpo", "dpo", "ipo", "cpo", "orpo", "kto", "alphapo", "simper", "lndpo", "rdpo"] = "simpo"
+    """Key in ``LOSSES``. dpo, ipo, kto, lndpo and rdpo use a reference model."""
     beta: float | None = None
-    """β (IPO's τ, ORPO's λ). Default: simpo 2.0, the others 0.1."""
+    """β (IPO's τ, ORPO's λ). Default: simpo, alphapo and lndpo 2.0, the others 0.1; simper has none."""
     gamma_beta_ratio: float | None = None
-    """simpo: target margin γ/β (default 0.5); the paper's γ and TRL's ``simpo_gamma`` are
+    """simpo, alphapo: target margin γ/β (default 0.5); the paper's γ and TRL's ``simpo_gamma`` are
     ``beta * gamma_beta_ratio``."""
     label_smoothing: float | None = None
-    """simpo, dpo, cpo: probability that a preference label is flipped (default 0; sigmoid loss only)."""
+    """simpo, alphapo, dpo, cpo: probability that a preference label is flipped (default 0; sigmoid loss only)."""
     loss_type: Literal["sigmoid", "hinge"] | None = None
-    """simpo, dpo, cpo: ``sigmoid`` (default) or ``hinge``."""
+    """simpo, alphapo, dpo, cpo: ``sigmoid`` (default) or ``hinge``."""
+    alphapo_alpha: float | None = None
+    """alphapo: α, the shape of the reward (1 - p^(-α)) / α (default 0.25; 0 is SimPO); TRL's ``alpha``."""
+    rdpo_alpha: float | None = None
+    """rdpo: α, the weight of the length difference inside the sigmoid (default 0.01)."""
     sft_weight: float | None = None
     """Weight of an NLL term on the chosen (desirable) response tokens, token mean. Default: cpo and orpo 1,
     the others 0."""

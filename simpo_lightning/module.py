@@ -1,6 +1,8 @@
 """SimPOModule: offline preference tuning, one shared step for train, validation and test."""
 
+import hashlib
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -126,7 +128,10 @@ class SimPOModule(TrainingModule):
             if average:
                 ref = ref / torch.cat([chosen.lengths, rejected.lengths])
             args += list(ref.chunk(2))
-        losses, chosen_rewards, rejected_rewards = self.method.loss(*args, **self.loss_hparams)
+        lengths = (
+            {"chosen_lengths": chosen.lengths, "rejected_lengths": rejected.lengths} if self.method.lengths else {}
+        )
+        losses, chosen_rewards, rejected_rewards = self.method.loss(*args, **lengths, **self.loss_hparams)
         loss = losses.mean() + self._nll(chosen)
         return loss, preference_metrics(
             losses, {"chosen": (chosen_rewards, chosen), "rejected": (rejected_rewards, rejected)}, average, paired=True
@@ -159,19 +164,32 @@ class SimPOModule(TrainingModule):
 
     # ------------------------------------------------------------------ reference precomputation
 
-    def precompute_reference(self, splits: dict[str, list[dict]], batch_size: int, cache_dir: str | None) -> None:
-        """Adds the reference's ``ref_chosen_logps`` / ``ref_rejected_logps`` to every pair of ``splits``, then
-        frees the frozen copy (``Reference.precompute``)."""
+    def precompute_reference(self, datamodule) -> None:
+        """Adds the reference's summed log-probs as columns ``ref_chosen_logps`` / ``ref_rejected_logps`` to
+        every split of ``datamodule`` (a ``PreferenceDataModule``), cached beside its data, then frees the
+        frozen copy. All processes of a run take part (``Reference.precompute``)."""
         from simpo_lightning.data import PreferenceCollator
 
-        collate = PreferenceCollator(self.tokenizer.pad_token_id)
-
-        def score(policy: nn.Module, examples: list[dict]) -> Tensor:
-            batch = move_data_to_device(collate(examples), self.device)
-            return self.reference.sum_logps(policy, lambda model: score_pair_batch(model, batch, self.chunk))
-
+        collate, hp = PreferenceCollator(self.tokenizer.pad_token_id), datamodule.hparams
         identity = reference_identity(self.policy, self.reference.config)
-        self.reference.precompute(self.model, splits, score, batch_size, cache_dir, identity)
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        rank, world = (self.global_rank, self.trainer.world_size) if distributed else (0, 1)
+        for name in list(datamodule.splits):
+            rows = datamodule.splits[name]
+            if "ref_chosen_logps" in rows.column_names:  # done, or the same rows as a split done before
+                continue
+
+            def score(policy: nn.Module, start: int, stop: int, rows=rows) -> Tensor:
+                batch = move_data_to_device(collate(rows.select(range(start, stop)).to_list()), self.device)
+                return self.reference.sum_logps(policy, lambda model: score_pair_batch(model, batch, self.chunk))
+
+            key = hashlib.sha256(repr((datamodule.split_keys[name], identity)).encode()).hexdigest()[:24]
+            cache = Path(hp.cache_dir).expanduser() / f"ref-{key}.pt" if hp.cache_dir and identity else None
+            values = self.reference.precompute(
+                self.model, len(rows), score, hp.batch_size, cache, rank, world, self.all_gather
+            )
+            datamodule.add_reference_logps(name, values)
+        self.reference.free()
 
     def _maybe_precompute(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -179,7 +197,7 @@ class SimPOModule(TrainingModule):
             return
         if getattr(datamodule, "splits", None) is None:
             raise ValueError("reference.precompute needs a PreferenceDataModule (it scores the data's splits)")
-        self.precompute_reference(datamodule.splits, datamodule.hparams.batch_size, datamodule.hparams.cache_dir)
+        self.precompute_reference(datamodule)
 
     def on_fit_start(self) -> None:
         self._maybe_precompute()

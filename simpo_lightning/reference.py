@@ -1,4 +1,4 @@
-"""The frozen reference policy of the methods that use one (dpo, ipo, kto).
+"""The frozen reference policy of the methods that use one (dpo, ipo, kto, lndpo, rdpo).
 
 Three forms: with LoRA, the policy itself with its adapters disabled (no second copy); without LoRA,
 a frozen copy of the initial weights, optionally in bfloat16; or, with ``precompute``, the summed
@@ -7,8 +7,8 @@ log-probs of every pair scored once before training and cached on disk, after wh
 
 import copy
 import gc
-import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReferenceConfig:
-    """The frozen reference policy of dpo, ipo and kto (simpo, cpo and orpo never build one). With
+    """The frozen reference policy of dpo, ipo, kto, lndpo and rdpo (the others never build one). With
     LoRA it is the policy with its adapters disabled, so no second copy is held."""
 
     precompute: bool = False
@@ -76,51 +76,51 @@ class Reference:
     def precompute(
         self,
         policy: nn.Module,
-        splits: dict[str, list[dict]],
-        score: Callable[[nn.Module, list[dict]], Tensor],
+        size: int,
+        score: Callable[[nn.Module, int, int], Tensor],
         batch_size: int,
-        cache_dir: str | None,
-        identity: object | None,
-    ) -> None:
-        """Adds ``ref_chosen_logps`` / ``ref_rejected_logps`` to every pair of every split, then frees the
-        frozen copy. ``score(model, examples)`` gives the summed log-probs ``[2B]``, chosen then rejected.
-        Results are cached in ``cache_dir`` keyed by ``identity`` (the model's) and the token ids; None
-        (random weights, which no configuration identifies) disables the cache."""
+        cache: Path | None,
+        rank: int = 0,
+        world: int = 1,
+        gather: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """The summed reference log-probs ``[size, 2]`` (chosen, rejected) of ``size`` pairs, where
+        ``score(model, start, stop)`` gives those of pairs ``start:stop``, chosen then rejected (``[2B]``).
+        Each of ``world`` processes scores every ``world``-th batch, in step with the others (a sharded
+        model's forward is collective); ``gather`` (an all-gather) then gives everyone every value.
+        ``cache`` (a file, None for no cache) is read when every process finds it, else written by the
+        first process."""
+        cached = torch.tensor(cache is not None and cache.is_file(), device=_device(policy))
+        if (gather(cached).all() if world > 1 else cached).item():
+            return torch.load(cache)
         was_training = policy.training
         policy.eval()
-        for name, examples in splits.items():
-            todo = [e for e in examples if "ref_chosen_logps" not in e]
-            if not todo:
-                continue
-            cache = _cache_file(todo, cache_dir, identity)
-            cached = cache is not None and cache.is_file()
-            if cached:
-                values = torch.load(cache)
-            else:
-                chunks = [
-                    score(policy, todo[s : s + batch_size]).view(2, -1).T.cpu() for s in range(0, len(todo), batch_size)
-                ]
-                values = torch.cat(chunks)
-                if cache is not None:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(values, cache)
-            for example, (chosen, rejected) in zip(todo, values.tolist()):
-                example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
-            log.info(
-                "reference log-probs of %d %s pairs %s", len(todo), name, "loaded from cache" if cached else "computed"
-            )
+        starts = list(range(0, size, batch_size))
+        mine = starts[rank::world]
+        mine += mine[-1:] * (-(-len(starts) // world) - len(mine))  # every process runs as many batches
+        values = torch.zeros(size, 2, dtype=torch.float64, device=_device(policy))
+        for start in mine:
+            stop = min(start + batch_size, size)
+            values[start:stop] = score(policy, start, stop).view(2, -1).T.to(values)
         policy.train(was_training)
+        if world > 1:
+            values = gather(values).sum(0)  # each row was scored by one process; the others hold 0 there
+        if cache is not None and rank == 0:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+            torch.save(values.cpu(), temporary)
+            os.replace(temporary, cache)
+        log.info("reference log-probs of %d pairs computed", size)
+        return values.cpu()
+
+    def free(self) -> None:
+        """Drop the frozen copy (after precomputing, it is not needed)."""
         self._frozen.clear()
         gc.collect()
 
 
-def _cache_file(examples: list[dict], cache_dir: str | None, identity: object | None) -> Path | None:
-    if cache_dir is None or identity is None:
-        return None
-    h = hashlib.sha256(repr(identity).encode())
-    for e in examples:
-        h.update(repr((e["prompt"], e["chosen"], e["rejected"])).encode())
-    return Path(cache_dir).expanduser() / f"ref-{h.hexdigest()[:24]}.pt"
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def reference_identity(policy_config, reference_config: ReferenceConfig) -> object | None:

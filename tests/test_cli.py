@@ -199,9 +199,9 @@ def test_a_module_other_than_simpo_runs_from_its_yaml(tiny_dir, tmp_path):
 
 
 def test_resume_after_interruption_continues_the_same_loss_curve(tiny_dir, tmp_path):
-    """Across an epoch boundary too: the demo's 140 training pairs are 35 batches of 4. Resuming is
+    """Across an epoch boundary too: the demo's 298 training pairs are 38 batches of 8. Resuming is
     the same arithmetic, so the same losses exactly."""
-    steps = ["--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1"]
+    steps = ["--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1", "--data.batch_size", "8"]
     cli_main(["fit", *tiny_args(tiny_dir, tmp_path / "straight", *steps)])
     straight = csv_losses(tmp_path / "straight/run/version_0/metrics.csv")
     assert len(straight) == 40
@@ -226,12 +226,20 @@ SIMPO_LORA, DPO_FULL = ("tiny.yaml", []), ("dpo.yaml", ["--model.lora", "null"])
 @pytest.mark.parametrize("config, extra", [SIMPO_LORA, DPO_FULL], ids=["simpo-lora", "dpo-full"])
 def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, config, extra):
     """ModelParallelStrategy (FSDP2, gloo on CPU), 2 processes × 2 pairs against 1 process × 4 pairs. FSDP
-    trains in float32, so its curve is held to the float32 rule around the one-process run in float64."""
+    trains in float32, so its curve is held to the float32 rule around the one-process run in float64.
+    DPO's two processes precompute the reference log-probs (each half the batches, through the sharded
+    frozen copy) where the one process computes them at every step; one of them writes each cache file."""
     quiet = ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
     steps = ["--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1"]
     common = tiny_args(tiny_dir, tmp_path, *extra, *steps, *quiet, config=config)
     run_command(["fit", *common, "--data.batch_size", "4", "--model.policy.dtype", "float64"], tmp_path)
-    run_command(["fit", *common, "--data.batch_size", "2", *TWO_PROCESSES], tmp_path)
+    precompute = ["--model.reference.precompute", "true", "--data.cache_dir", str(tmp_path / "cache")]
+    run_command(
+        ["fit", *common, "--data.batch_size", "2", *TWO_PROCESSES, *(precompute if config == "dpo.yaml" else [])],
+        tmp_path,
+    )
+    if config == "dpo.yaml":  # training and validation pairs (test is the validation set)
+        assert len(list((tmp_path / "cache").glob("ref-*.pt"))) == 2 and not list((tmp_path / "cache").glob("*.tmp-*"))
     one, two = csv_losses(tmp_path / "run/version_0/metrics.csv"), csv_losses(tmp_path / "run/version_1/metrics.csv")
     assert sorted(one) == sorted(two) == list(range(5))
     assert len(set(one.values())) == 5  # the loss moves, so equal curves mean equal training

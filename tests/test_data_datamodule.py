@@ -1,8 +1,32 @@
-"""The DataModule: splits, the tokenisation cache, datasets sources and column names."""
+"""The DataModule: tokenised stores built once, keyed by content and settings, never read half-written,
+shared by processes that start together; splits, datasets sources and column names."""
 
-from simpo_lightning.data import Columns, PreferenceDataModule, Truncation
+import gzip
+import json
+import logging
+import multiprocessing
+from types import SimpleNamespace
 
-from helpers import write_jsonl
+import pytest
+
+from simpo_lightning.data import (
+    Columns,
+    DataError,
+    PairEncoder,
+    PreferenceDataModule,
+    Truncation,
+    encode_rows,
+    read_source,
+)
+
+from helpers import SHARED_DATA, write_jsonl
+
+ROWS = [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": " b"} for i in range(20)]
+HH = SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz"
+
+
+def stores(cache) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if p.is_dir())
 
 
 def test_datasets_source_and_columns(tokenizer, tmp_path):
@@ -10,41 +34,165 @@ def test_datasets_source_and_columns(tokenizer, tmp_path):
 
     rows = [{"q": f"Q{i}", "good": f" yes {i}", "bad": " no"} for i in range(6)]
     datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "ds")
+    columns = Columns(prompt="q", chosen="good", rejected="bad")
     dm = PreferenceDataModule(
-        train_data=str(tmp_path / "ds"),
-        columns=Columns(prompt="q", chosen="good", rejected="bad"),
-        val_fraction=0.5,
-        tokenizer=tokenizer,
-        cache_dir=None,
+        train_data=str(tmp_path / "ds"), columns=columns, val_fraction=0.5, tokenizer=tokenizer, cache_dir=None
     )
     dm.setup()
     assert len(dm.splits["train"]) == 3 and len(dm.splits["val"]) == 3
 
 
 def test_validation_split_is_deterministic_and_disjoint(tokenizer, tmp_path):
-    path = write_jsonl(
-        tmp_path / "d.jsonl", [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": " b"} for i in range(20)]
-    )
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     splits = []
     for _ in range(2):
         dm = PreferenceDataModule(train_data=str(path), val_fraction=0.25, seed=3, tokenizer=tokenizer, cache_dir=None)
         dm.setup()
-        splits.append(dm.splits)
+        splits.append({name: rows.to_list() for name, rows in dm.splits.items()})
     assert splits[0] == splits[1] and len(splits[0]["val"]) == 5 and len(splits[0]["train"]) == 15
     val = {tuple(p["prompt"]) for p in splits[0]["val"]}
     assert not val & {tuple(p["prompt"]) for p in splits[0]["train"]}
 
 
-def test_tokenisation_cache(tokenizer, tmp_path):
-    path = write_jsonl(
-        tmp_path / "d.jsonl", [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": " b"} for i in range(10)]
+@pytest.mark.parametrize("source", ["demo", "hh"])
+def test_the_store_gives_the_pairs_order_and_skips_of_encoding_in_memory(tokenizer, tmp_path, source):
+    """The demo and the real HH-RLHF file (when ../shared/data is there), tokenised into Arrow by two
+    processes, against every row encoded in memory by the same encoder."""
+    if source == "hh" and not HH.is_file():
+        pytest.skip("../shared/data absent (project checkout only)")
+    name = "demo" if source == "demo" else str(HH)
+    truncation = Truncation(max_length=512, max_prompt_length=256)
+    dm = PreferenceDataModule(
+        train_data=name,
+        val_data=name,
+        truncation=truncation,
+        num_proc=2,
+        tokenizer=tokenizer,
+        cache_dir=str(tmp_path),
+        format="auto",
     )
-    kwargs = dict(train_data=str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"))
-    first = PreferenceDataModule(**kwargs)
+    dm.setup()
+    expected, skipped = encode_rows(
+        read_source(name)[0], PairEncoder(tokenizer, Columns(), truncation, "auto"), name, "reference"
+    )
+    stored = dm.splits["train"].to_list()
+    assert [{k: p[k] for k in expected[0]} for p in stored] == expected
+    assert [p["length"] for p in stored] == [len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in expected]
+    assert dm.skipped == skipped + skipped and (source == "demo") == (not skipped)  # train and val read the source
+
+
+def test_the_store_is_built_once_and_keyed_by_content_settings_and_tokenizer(tokenizer, tmp_path):
+    path, cache = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"
+    first = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache))
     first.setup()
-    assert len(list((tmp_path / "cache").iterdir())) == 1
-    second = PreferenceDataModule(**kwargs)
+    (store,) = stores(cache)
+    built = (cache / store / "report.json").stat().st_mtime_ns
+    second = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache))
     second.setup()
-    assert second.splits == first.splits and len(list((tmp_path / "cache").iterdir())) == 1
-    PreferenceDataModule(**kwargs, truncation=Truncation(max_length=64)).setup()  # other settings, other entry
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert second.splits["train"].to_list() == first.splits["train"].to_list()
+    assert stores(cache) == [store] and (cache / store / "report.json").stat().st_mtime_ns == built  # read, not rebuilt
+    PreferenceDataModule(
+        train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache), truncation=Truncation(64)
+    ).setup()
+    assert len(stores(cache)) == 2  # other settings, other store
+    write_jsonl(path, [*ROWS[:-1], {**ROWS[-1], "chosen": " changed"}])  # same size, other content
+    changed = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache))
+    changed.setup()
+    assert len(stores(cache)) == 3
+    assert " changed" in {
+        tokenizer.decode(p["chosen"][:-1]) for p in [*changed.splits["train"], *changed.splits["val"]]
+    }
+
+
+def test_a_half_written_store_is_never_read(tokenizer, tmp_path, monkeypatch):
+    """A build that fails part-way leaves no store; a temporary folder left by a killed build is ignored."""
+    path, cache = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"
+    calls = []
+    original = PairEncoder.__call__
+
+    def breaks_half_way(self, row):
+        calls.append(row)
+        if len(calls) == 10:
+            raise RuntimeError("killed part-way")
+        return original(self, row)
+
+    monkeypatch.setattr(PairEncoder, "__call__", breaks_half_way)
+    with pytest.raises(RuntimeError, match="killed part-way"):
+        PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache)).setup()
+    assert stores(cache) == []  # nothing half-written where a store would be read
+    monkeypatch.setattr(PairEncoder, "__call__", original)
+    store = next(cache.glob("data-*.lock")).name.removesuffix(".lock")
+    (cache / f"{store}.tmp-99999").mkdir()  # as a killed process would leave it
+    (cache / f"{store}.tmp-99999" / "part-00000.arrow").write_text("garbage")
+    dm = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache))
+    dm.setup()
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 20 and (cache / store / "report.json").is_file()
+
+
+def prepare_and_read(path: str, cache: str, tokenizer_dir: str, queue) -> None:
+    """One of two processes started together: prepare_data then setup, as Lightning calls them."""
+    from transformers import AutoTokenizer
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("simpo_lightning.data.store").addHandler(handler)
+    logging.getLogger("simpo_lightning.data.store").setLevel(logging.INFO)
+    dm = PreferenceDataModule(
+        train_data=path,
+        tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir),
+        cache_dir=cache,
+        batch_size=4,
+        group_by_length=True,
+    )
+    dm.prepare_data()
+    dm.setup()
+    batches = [b.chosen.input_ids.tolist() for b in dm.train_dataloader()]
+    queue.put((sum("tokenising" in r.getMessage() for r in records), batches))
+
+
+def test_two_processes_starting_together_build_one_store_and_read_the_same_batches(tiny_dir, tmp_path):
+    rows = [
+        {"prompt": f"Question {i}: " + "word " * (i % 13), "chosen": f" yes {i}", "rejected": " no"} for i in range(200)
+    ]
+    path, cache = write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "cache"
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, as two launched ranks
+    queue = context.Queue()
+    workers = [
+        context.Process(target=prepare_and_read, args=(str(path), str(cache), tiny_dir, queue)) for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=300) for _ in workers]
+    for w in workers:
+        w.join()
+    assert sorted(built for built, _ in results) == [0, 1]  # one tokenised, the other waited and read
+    assert results[0][1] == results[1][1] and len(results[0][1]) == 45
+    assert len(stores(cache)) == 1 and not list(cache.glob("*.tmp-*"))
+
+
+def test_a_process_that_finds_no_store_after_prepare_data_says_why(tokenizer, tmp_path):
+    """In a run of several processes, setup reads the stores prepare_data built; on a file system that
+    process cannot see, that is a clear error, not a second tokenisation racing the first."""
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    dm = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "elsewhere"))
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)  # what setup reads of the Trainer
+    with pytest.raises(DataError, match="process 1: no tokenised data for .*d.jsonl.*data.cache_dir"):
+        dm.setup()
+
+
+def test_a_gzipped_jsonl_streams_by_line_with_its_line_numbers(tokenizer, tmp_path, caplog):
+    lines = [json.dumps(ROWS[0]), "", json.dumps({**ROWS[1], "rejected": " a1"}), json.dumps(ROWS[2])]
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines))
+    dm = PreferenceDataModule(
+        train_data=str(tmp_path / "d.jsonl.gz"),
+        val_data=str(tmp_path / "d.jsonl.gz"),
+        tokenizer=tokenizer,
+        cache_dir=str(tmp_path / "cache"),
+        num_proc=2,
+    )
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    assert [p["row"] for p in dm.splits["train"]] == [1, 4]  # blank line 2 passed over, line 3 skipped
+    assert "skipped 1 of 3 rows: identical responses (rows 3)" in caplog.text

@@ -1,3 +1,4 @@
+import inspect
 import logging
 import math
 
@@ -7,13 +8,17 @@ import torch
 from simpo_lightning.losses import (
     LOSSES,
     LossConfig,
+    alphapo_loss,
     cpo_loss,
     dpo_loss,
     ipo_loss,
     kto_kl,
     kto_loss,
+    lndpo_loss,
     log1mexp,
     orpo_loss,
+    rdpo_loss,
+    simper_loss,
     simpo_loss,
 )
 
@@ -67,8 +72,9 @@ def test_unknown_loss_type():
 
 def test_registry():
     assert LOSSES["simpo"].loss is simpo_loss
-    assert {name for name, m in LOSSES.items() if m.reference} == {"dpo", "ipo", "kto"}
-    assert {name for name, m in LOSSES.items() if m.average} == {"simpo", "ipo", "orpo"}
+    assert {name for name, m in LOSSES.items() if m.reference} == {"dpo", "ipo", "kto", "lndpo", "rdpo"}
+    assert {name for name, m in LOSSES.items() if m.average} == {"simpo", "ipo", "orpo", "alphapo", "simper", "lndpo"}
+    assert {name for name, m in LOSSES.items() if m.lengths} == {"rdpo"}
 
 
 SUMS = dict(
@@ -150,3 +156,84 @@ def test_loss_settings_take_method_defaults_and_warn_when_ignored(caplog):
     assert "gamma_beta_ratio" in caplog.text and "dpo" in caplog.text
     assert LossConfig(name="cpo").nll_weight() == 1.0 and LossConfig(name="simpo").nll_weight() == 0.0
     assert LossConfig(name="orpo", sft_weight=0.3).nll_weight() == 0.3
+
+
+def test_alphapo_by_hand():
+    """α = 0.5, p_w = 0.5, p_l = 0.25: r = (1 - p^-α)/α gives r_w = (1 - √2)/0.5 = -0.828427 and
+    r_l = (1 - 2)/0.5 = -2; β = 2, γ/β = 0.5: h = 2 · (-0.828427 + 2 - 0.5) = 1.343146,
+    loss = log(1 + e^-h) = 0.231924."""
+    losses, chosen, rejected = alphapo_loss(
+        torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]), beta=2.0, gamma_beta_ratio=0.5, alphapo_alpha=0.5
+    )
+    assert chosen.item() == pytest.approx(2 * (1 - math.sqrt(2)) / 0.5) and rejected.item() == pytest.approx(-4.0)
+    assert losses.item() == pytest.approx(softplus(-2 * ((1 - math.sqrt(2)) / 0.5 + 2 - 0.5)), rel=1e-6)
+    assert losses.item() == pytest.approx(0.231924, abs=1e-6)
+
+
+def test_alphapo_at_alpha_zero_is_simpo_and_its_limit_is_continuous():
+    for alpha in (0.0, 1e-6):
+        torch.testing.assert_close(
+            alphapo_loss(CHOSEN, REJECTED, alphapo_alpha=alpha)[0],
+            simpo_loss(CHOSEN, REJECTED)[0],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_simper_by_hand():
+    """exp(mean log-prob) 0.5 for chosen, 0.25 for rejected: loss = -0.5 + 0.25 = -0.25; the gradient on the
+    chosen log-prob is -exp(logps_w) = -0.5, on the rejected +0.25."""
+    chosen, rejected = (
+        torch.tensor([math.log(0.5)], requires_grad=True),
+        torch.tensor([math.log(0.25)], requires_grad=True),
+    )
+    losses, chosen_rewards, rejected_rewards = simper_loss(chosen, rejected)
+    assert losses.item() == pytest.approx(-0.25) and (chosen_rewards.item(), rejected_rewards.item()) == pytest.approx(
+        (0.5, 0.25)
+    )
+    losses.sum().backward()
+    assert chosen.grad.item() == pytest.approx(-0.5) and rejected.grad.item() == pytest.approx(0.25)
+
+
+def test_lndpo_by_hand():
+    """Averaged log-probs: ρ̄_w = -1 - (-1.5) = 0.5, ρ̄_l = -2 - (-1.5) = -0.5; β = 2: loss = log(1 + e^-2) = 0.126928."""
+    args = [torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5])]
+    losses, chosen, rejected = lndpo_loss(*args, beta=2.0)
+    assert losses.item() == pytest.approx(0.126928, abs=1e-6) and (chosen.item(), rejected.item()) == (1.0, -1.0)
+
+
+def test_rdpo_by_hand_and_its_penalty_moves_the_gradient():
+    """ρ_w = 1, ρ_l = -1 (SUMS), |y_w| = 10, |y_l| = 4; β = 0.5, α = 0.1: h = 0.5 · 2 - 0.1 · 6 = 0.4,
+    loss = log(1 + e^-0.4) = 0.513015. The penalty sits inside the sigmoid, so it changes the gradient
+    (-β σ(-h) on the chosen log-prob: 0.5 σ(-0.4) = 0.200656 against DPO's 0.5 σ(-1) = 0.134471)."""
+    lengths = {"chosen_lengths": torch.tensor([10]), "rejected_lengths": torch.tensor([4])}
+    chosen = SUMS["chosen_logps"].clone().requires_grad_()
+    losses, chosen_rewards, _ = rdpo_loss(chosen, *list(SUMS.values())[1:], **lengths, beta=0.5, rdpo_alpha=0.1)
+    assert losses.item() == pytest.approx(0.513015, abs=1e-6) and chosen_rewards.item() == 0.5
+    losses.sum().backward()
+    assert chosen.grad.item() == pytest.approx(-0.200656, abs=1e-6)
+    assert rdpo_loss(**SUMS, **lengths, beta=0.5, rdpo_alpha=0.0)[0].item() == pytest.approx(
+        dpo_loss(**SUMS, beta=0.5)[0].item()
+    )
+
+
+def test_every_method_names_its_parameters_without_collisions():
+    """Each hyperparameter of a loss is a LossConfig field, and no two methods read one field in different senses:
+    the method-specific ones carry their method's name (CPO's α is sft_weight, LoRA has its own alpha)."""
+    fields = set(LossConfig.__dataclass_fields__) - {"name", "sft_weight"}
+    inputs = {
+        "chosen_logps",
+        "rejected_logps",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "chosen_lengths",
+        "rejected_lengths",
+        "logps",
+        "ref_logps",
+        "desirable",
+        "kl",
+    }
+    for name, method in LOSSES.items():
+        parameters = set(inspect.signature(method.loss).parameters) - inputs
+        assert parameters <= fields, (name, parameters - fields)
+    assert {"alphapo_alpha", "rdpo_alpha"} <= fields and "alpha" not in fields

@@ -54,7 +54,7 @@ def test_validation_metrics_average_the_whole_set(tiny_dir):
     module = tiny_module(tiny_dir)
     data = demo_data(module, batch_size=3)
     data.setup()
-    data.splits["val"] = data.splits["val"][:7]
+    data.splits["val"] = data.splits["val"].select(range(7))
     result = trainer(limit_val_batches=1.0, precision="64-true").validate(module, data)[0]
     module.eval()
     collate = PreferenceCollator(module.tokenizer.pad_token_id)
@@ -80,7 +80,7 @@ def test_sft_term_and_gradient_checkpointing(tiny_dir):
     """The NLL term adds sft_weight × token-mean NLL of chosen; gradient checkpointing keeps the numbers."""
     data = demo_data(tiny_module(tiny_dir))
     data.setup()
-    batch = PreferenceCollator(data.tokenizer.pad_token_id)(data.splits["train"][:4])
+    batch = PreferenceCollator(data.tokenizer.pad_token_id)(data.splits["train"].select(range(4)).to_list())
     losses = {}
     for name, kwargs in {
         "plain": {},
@@ -139,7 +139,7 @@ def test_kto_trains_on_unpaired_rows_and_paired_methods_refuse_them(tiny_dir, tm
     )
     paired_only = tiny_module(tiny_dir, "simpo")
     paired_only.configure_model()
-    batch = PreferenceCollator(module.tokenizer.pad_token_id)(data.splits["train"][:4])
+    batch = PreferenceCollator(module.tokenizer.pad_token_id)(data.splits["train"].select(range(4)).to_list())
     with pytest.raises(ValueError, match="needs paired data"):
         paired_only.step(batch)
 

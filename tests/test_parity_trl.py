@@ -194,6 +194,26 @@ def test_cpo_matches_trl_cpo_trainer(tiny_dir, tokenizer, tmp_path, label_smooth
     assert_cpo_parity(module, tiny_dir, tokenizer, args)
 
 
+def test_alphapo_matches_trl_cpo_trainer(tiny_dir, tokenizer, tmp_path):
+    """TRL's loss_type "alphapo" is its SimPO with the reward reshaped by ``alpha`` and no NLL term; α ≠ 0."""
+    from trl.experimental.cpo import CPOConfig
+
+    module = ours(tiny_dir, name="alphapo", beta=2.0, gamma_beta_ratio=0.5, alphapo_alpha=0.25)
+    args = CPOConfig(
+        output_dir=str(tmp_path),
+        loss_type="alphapo",
+        alpha=0.25,
+        beta=2.0,
+        simpo_gamma=1.0,
+        max_length=128,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+    )
+    assert args.loss_type == "simpo" and args.cpo_alpha == 0.0 and module.sft_weight == 0.0
+    assert_cpo_parity(module, tiny_dir, tokenizer, args)
+
+
 def test_orpo_matches_trl_orpo_trainer(tiny_dir, tokenizer, tmp_path):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -236,7 +256,9 @@ def test_orpo_matches_trl_orpo_trainer(tiny_dir, tokenizer, tmp_path):
     assert_same_step(module.model, loss, reference.model, trl_or, torch.float32)
 
 
-@pytest.mark.parametrize("name, loss_type", [("dpo", "sigmoid"), ("dpo", "hinge"), ("ipo", "ipo")])
+@pytest.mark.parametrize(
+    "name, loss_type", [("dpo", "sigmoid"), ("dpo", "hinge"), ("ipo", "ipo"), ("lndpo", "sigmoid_norm")]
+)
 def test_dpo_and_ipo_match_trl_dpo_trainer(tiny_dir, tokenizer, tmp_path, name, loss_type):
     from trl import DPOConfig, DPOTrainer
 
@@ -271,7 +293,7 @@ def test_dpo_and_ipo_match_trl_dpo_trainer(tiny_dir, tokenizer, tmp_path, name, 
     scale = 0.5 * ours_ref.abs().max().item()
     agree(loss, trl_loss.detach(), torch.float32, scale, what="loss")
     assert abs(metrics["rewards/margins"]).max() > 1e-2  # the policy really differs from the reference
-    if name == "ipo":  # TRL logs β times the summed log-ratio; ours is of the averaged one (what IPO's loss uses)
+    if name in ("ipo", "lndpo"):  # TRL logs β times the summed log-ratio; ours, of the averaged one the loss uses
         for side in ("chosen", "rejected"):
             metrics[f"rewards/{side}"] = metrics[f"rewards/{side}"] * metrics[f"lengths/{side}"]
             metrics[f"logps/{side}"] = metrics[f"logps/{side}"] * metrics[f"lengths/{side}"]

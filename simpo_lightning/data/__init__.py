@@ -1,7 +1,7 @@
 """Preference data: sources (``sources``), row formats and tokenisation (``encoding``), collation and
 sampling (``collate``) and the DataModule (``datamodule``)."""
 
-from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator, example_length, pack_pairs
+from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator, pack_pairs
 from simpo_lightning.data.datamodule import PreferenceDataModule
 from simpo_lightning.data.encoding import (
     Columns,
@@ -11,7 +11,7 @@ from simpo_lightning.data.encoding import (
     row_format,
     tokenizer_fingerprint,
 )
-from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Skip, read_source
+from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Skip, Source, read_source
 
 __all__ = [
     "FILE_SUFFIXES",
@@ -22,9 +22,9 @@ __all__ = [
     "PreferenceCollator",
     "PreferenceDataModule",
     "Skip",
+    "Source",
     "Truncation",
     "encode_rows",
-    "example_length",
     "pack_pairs",
     "read_source",
     "row_format",

@@ -1,6 +1,8 @@
 """Collation and sampling: encoded examples into padded batches (``simpo_lightning.batch``), and the
 training order that is the same for any number of processes and resumes mid-epoch."""
 
+from collections.abc import Sequence
+
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -65,11 +67,6 @@ class PreferenceCollator:
         return batch
 
 
-def example_length(example: dict) -> int:
-    """Tokens of an encoded example: prompt plus its responses."""
-    return sum(len(example[k]) for k in ("prompt", "chosen", "rejected", "completion") if k in example)
-
-
 class GlobalBatchSampler(DistributedSampler):
     """Training order that is the same for any number of processes and can resume mid-epoch.
 
@@ -88,7 +85,7 @@ class GlobalBatchSampler(DistributedSampler):
         world_size: int = 1,
         rank: int = 0,
         seed: int = 0,
-        lengths: list[int] | None = None,
+        lengths: Sequence[int] | None = None,
         pool: int = 64,
     ):
         self.size, self.batch_size, self.world_size, self.rank, self.seed = size, batch_size, world_size, rank, seed

@@ -2,18 +2,22 @@
 
 import hashlib
 import logging
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
 
+import datasets
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator, example_length
-from simpo_lightning.data.encoding import Columns, Format, PairEncoder, Truncation, encode_rows, tokenizer_fingerprint
-from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, read_source
+from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator
+from simpo_lightning.data.encoding import Columns, Format, PairEncoder, Truncation, tokenizer_fingerprint
+from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Source
+from simpo_lightning.data.store import ENCODER_VERSION, cached_store, load_store, store_report
 
 log = logging.getLogger(__name__)
 # GlobalBatchSampler makes mid-epoch resumption exact (it skips the trained batches, see
@@ -28,13 +32,19 @@ torch.serialization.add_safe_globals(
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs for training, validation and test.
 
+    Each source is tokenised once into a store of Arrow files in ``cache_dir`` (``data.store``): in
+    ``prepare_data``, which Lightning runs in one process per node (or one per run, with
+    ``prepare_data_per_node`` false) before the others set up, so they all memory-map the same files
+    instead of each tokenising and holding the whole set. ``setup`` alone (no Trainer, as in a notebook)
+    builds what is missing itself.
+
     Args:
         train_data: ``demo`` (the built-in short-answer set), a ``.jsonl``/``.json``/``.parquet`` file
             (``.gz`` allowed), or a ``datasets`` name or saved directory, optionally ``name:split``.
             None (as in a config that leaves it to the user) is an error that asks for it.
         val_data: same forms. None: ``demo:val`` for the demo, else ``val_fraction`` of ``train_data``.
         test_data: same forms. None: the validation set.
-        format: row format, see the module docstring.
+        format: row format, see ``data.encoding``.
         columns: column names.
         truncation: token budget per sequence.
         val_fraction: share of the training rows held out when ``val_data`` is None.
@@ -46,7 +56,11 @@ class PreferenceDataModule(L.LightningDataModule):
             on prompt-heavy data; the log-probs equal separate sequences'. kto uses the separate ones.
         group_by_length: training batches of similar-length pairs (less padding; the order is still
             random and seeded). Off: batches as drawn.
-        cache_dir: where tokenised data is cached, keyed by content, settings and tokenizer; None disables it.
+        cache_dir: where tokenised stores are kept, keyed by content, settings and tokenizer. None: a
+            temporary folder of this process, deleted when it ends.
+        num_proc: processes that tokenise a source when its store is built (each a range of its rows).
+        prepare_data_per_node: true: one process per node tokenises, for a ``cache_dir`` on each node's own
+            disk; false: one process of the whole run does, for a ``cache_dir`` that every node shares.
         tokenizer: set by the command from the model; pass one when building the DataModule by hand.
     """
 
@@ -65,6 +79,8 @@ class PreferenceDataModule(L.LightningDataModule):
         shared_prompt: bool = True,
         group_by_length: bool = False,
         cache_dir: str | None = "~/.cache/simpo-lightning",
+        num_proc: int = 1,
+        prepare_data_per_node: bool = True,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
@@ -81,46 +97,87 @@ class PreferenceDataModule(L.LightningDataModule):
                     f"data.{name}: no such file {source}; give an existing .jsonl/.json/.parquet file or 'demo'"
                 )
         self.columns, self.truncation, self.tokenizer = columns, truncation, tokenizer
-        self.splits: dict[str, list[dict]] = {}
+        self.prepare_data_per_node = prepare_data_per_node
+        self.splits: dict[str, datasets.Dataset] = {}
+        self.split_keys: dict[str, str] = {}  # identify each split's rows (the reference log-prob cache uses them)
         self.skipped: Counter = Counter()
+        self._scratch: tempfile.TemporaryDirectory | None = None
+
+    def _sources(self) -> list[str]:
+        hp = self.hparams
+        val = hp.val_data or ("demo:val" if hp.train_data == "demo" else None)
+        return [s for s in (hp.train_data, val, hp.test_data) if s is not None]
+
+    def prepare_data(self) -> None:
+        """Tokenise every source into the cache, each once (a store that exists is left as it is)."""
+        if self.hparams.cache_dir is not None:
+            for source in self._sources():
+                self._store(source, build=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        if self.tokenizer is None:
-            raise ValueError("PreferenceDataModule needs a tokenizer (the command links it from the model)")
         hp = self.hparams
-        train = self._load(hp.train_data)
+        # With several processes the stores come from prepare_data; one process may build its own here.
+        build = self.trainer is None or self.trainer.world_size == 1
+        train, train_key = self._load(hp.train_data, build)
         val_source = hp.val_data or ("demo:val" if hp.train_data == "demo" else None)
         if val_source is None:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
             n_val = max(1, round(hp.val_fraction * len(train)))
             if n_val >= len(train):
                 raise DataError(f"{hp.train_data}: {len(train)} pairs are too few to split off a validation set")
-            val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
+            val, train = train.select(order[:n_val]), train.select(order[n_val:])
+            val_key, train_key = (
+                _hash(train_key, "val", hp.val_fraction, hp.seed),
+                _hash(train_key, "train", hp.val_fraction, hp.seed),
+            )
         else:
-            val = self._load(val_source)
-        self.splits = {"train": train, "val": val, "test": self._load(hp.test_data) if hp.test_data else val}
+            val, val_key = self._load(val_source, build)
+        test, test_key = self._load(hp.test_data, build) if hp.test_data else (val, val_key)
+        self.splits = {"train": train, "val": val, "test": test}
+        self.split_keys = {"train": train_key, "val": val_key, "test": test_key}
         log.info("preference pairs: %s", {k: len(v) for k, v in self.splits.items()})
 
-    def _load(self, source: str) -> list[dict]:
+    def _store(self, source: str, build: bool) -> tuple[Path, str]:
+        """The store of ``source`` (built when missing and ``build``) and its key."""
         hp = self.hparams
-        rows, identity = read_source(source)
-        settings = repr((identity, hp.format, self.columns, self.truncation, tokenizer_fingerprint(self.tokenizer)))
-        cache = None
-        if hp.cache_dir is not None:
-            cache = Path(hp.cache_dir).expanduser() / f"{hashlib.sha256(settings.encode()).hexdigest()[:24]}.pt"
-            if cache.is_file():
-                pairs, skipped = torch.load(cache)
-                self.skipped.update(skipped)
-                return pairs
+        if self.tokenizer is None:
+            raise ValueError("PreferenceDataModule needs a tokenizer (the command links it from the model)")
+        opened = Source(source)
+        settings = (opened.identity, hp.format, self.columns, self.truncation, tokenizer_fingerprint(self.tokenizer))
+        key = _hash(*settings, ENCODER_VERSION)
+        if hp.cache_dir is None:
+            self._scratch = self._scratch or tempfile.TemporaryDirectory(prefix="simpo-lightning-data-")
+            cache_dir, build = Path(self._scratch.name), True
+        else:
+            cache_dir = Path(hp.cache_dir).expanduser()
         encoder = PairEncoder(self.tokenizer, self.columns, self.truncation, hp.format)
-        pairs, skipped = encode_rows(rows, encoder, source, self.columns.reference)
-        self.skipped.update(skipped)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save((pairs, dict(skipped)), cache)
-        return pairs
+        folder = cached_store(cache_dir, key, opened, encoder, self.columns.reference, hp.num_proc, build)
+        if folder is None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            raise DataError(
+                f"process {rank}: no tokenised data for {source} at {cache_dir / f'data-{key}'} after prepare_data: "
+                "this process does not see the files the preparing one wrote; give data.cache_dir a folder on a "
+                "file system every process shares, or set data.prepare_data_per_node true for a disk per node"
+            )
+        return folder, key
+
+    def _load(self, source: str, build: bool) -> tuple[datasets.Dataset, str]:
+        folder, key = self._store(source, build)
+        report = store_report(folder)
+        report.check(source)
+        self.skipped.update(report.skipped)
+        return load_store(folder), key
+
+    def add_reference_logps(self, split: str, values: torch.Tensor) -> None:
+        """Precomputed reference log-probs ``[N, 2]`` (chosen, rejected) as columns of ``split`` (and of every
+        split that is the same rows, such as test when it is the validation set)."""
+        rows = self.splits[split]
+        chosen, rejected = values[:, 0].tolist(), values[:, 1].tolist()
+        scored = rows.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+        for name in [n for n, s in self.splits.items() if s is rows]:
+            self.splits[name] = scored
 
     def _loader(self, split: str, sampler: DistributedSampler | None = None) -> DataLoader:
         return DataLoader(
@@ -132,14 +189,12 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
+        trainer, train = self.trainer, self.splits["train"]
         # Data-parallel replicas (with tensor parallelism, fewer than the processes).
         replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
         world_size, rank = (replicas["num_replicas"], replicas["rank"]) if replicas else (1, 0)
-        lengths = [example_length(e) for e in self.splits["train"]] if self.hparams.group_by_length else None
-        sampler = GlobalBatchSampler(
-            len(self.splits["train"]), self.hparams.batch_size, world_size, rank, self.hparams.seed, lengths
-        )
+        lengths = np.asarray(train.with_format("numpy")["length"]) if self.hparams.group_by_length else None
+        sampler = GlobalBatchSampler(len(train), self.hparams.batch_size, world_size, rank, self.hparams.seed, lengths)
         if trainer is not None and trainer.fit_loop.restarting:
             # Resuming: the restored loop state says how many batches of this epoch were trained on
             # ("processed": checkpoints are written in on_train_batch_end, before "completed" counts the batch).
@@ -156,8 +211,13 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def generation_examples(self, split: str = "val") -> list[tuple[list[int], str]]:
         """Distinct ``(prompt_ids, reference)`` of a split, for rows that carry a reference answer."""
+        rows = self.splits[split]
         seen = {}
-        for pair in self.splits[split]:
-            if "reference" in pair:
-                seen.setdefault(tuple(pair["prompt"]), pair["reference"])
+        for prompt, reference in zip(rows["prompt"], rows["reference"]):
+            if reference is not None:
+                seen.setdefault(tuple(prompt), reference)
         return [(list(p), r) for p, r in seen.items()]
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]

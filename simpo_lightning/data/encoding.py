@@ -24,8 +24,9 @@ property) raise ``DataError`` naming the source and row. Pairs that are well for
 
 import hashlib
 import logging
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -218,44 +219,89 @@ class PairEncoder:
         return {"prompt": prompt, "chosen": responses[0], "rejected": responses[1]}
 
 
-def encode_rows(
-    rows: list[tuple[int, Row]], encoder: PairEncoder, source: str, reference: str
-) -> tuple[list[dict], Counter]:
-    """Encode every row; returns the pairs and the skip counts. Raises ``DataError`` naming the row.
-    A source holds rows of one format (see ``row_format``)."""
-    if not rows:
-        raise DataError(f"{source}: no rows (the file is empty)")
-    pairs, skipped, where = [], Counter(), defaultdict(list)
+@dataclass
+class EncodeReport:
+    """What encoding a source (or a part of it) found: rows seen and kept, the skips by reason with their
+    first row numbers, and the format and number of its first row."""
+
+    rows: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    where: dict[str, list[int]] = field(default_factory=dict)
     first: tuple[str, int] | None = None
+
+    def merge(self, later: "EncodeReport", source: str) -> "EncodeReport":
+        """This report followed by ``later``'s (the next part of the same source)."""
+        if self.first and later.first and later.first[0] != self.first[0]:
+            raise _mixed(source, later.first, self.first)
+        where = {r: (self.where.get(r, []) + later.where.get(r, []))[:SHOWN] for r in {*self.where, *later.where}}
+        return EncodeReport(
+            self.rows + later.rows,
+            self.kept + later.kept,
+            self.skipped + later.skipped,
+            where,
+            self.first or later.first,
+        )
+
+    def check(self, source: str) -> None:
+        """Logs the skips once, and raises when nothing is left."""
+        for reason, count in self.skipped.items():
+            shown = ", ".join(map(str, self.where[reason])) + (", …" if count > SHOWN else "")
+            log.warning("%s: skipped %d of %d rows: %s (rows %s)", source, count, self.rows, reason, shown)
+        if not self.rows:
+            raise DataError(f"{source}: no rows (the file is empty)")
+        if not self.kept:
+            raise DataError(
+                f"{source}: no usable preference pairs: all {self.rows} rows were skipped ({dict(self.skipped)}); "
+                "see the warnings above for the rows"
+            )
+
+
+SHOWN = 10  # row numbers kept per skip reason
+
+
+def encode(
+    rows: Iterable[tuple[int, Row]], encoder: PairEncoder, source: str, reference: str, report: EncodeReport
+) -> Iterator[dict]:
+    """Each usable row encoded, with ``row`` (its number) and ``reference`` (the gold answer or None);
+    ``report`` counts as it goes. Raises ``DataError`` naming the row. A source holds rows of one format
+    (see ``row_format``)."""
     for number, row in rows:
+        report.rows += 1
         if isinstance(row, dict):
             kind = row_format(row, encoder.columns)
-            first = first or (kind, number)
-            if kind != first[0]:
-                raise DataError(
-                    f"{source} row {number}: a {kind} row, but row {first[1]} is {first[0]}; a source "
-                    "holds rows of one format: split it into files of one format each"
-                )
+            report.first = report.first or (kind, number)
+            if kind != report.first[0]:
+                raise _mixed(source, (kind, number), report.first)
         try:
             pair = encoder(row)
         except Skip as s:
-            skipped[s.reason] += 1
-            where[s.reason].append(number)
+            report.skipped[s.reason] += 1
+            report.where.setdefault(s.reason, [])
+            if len(report.where[s.reason]) < SHOWN:
+                report.where[s.reason].append(number)
             continue
         except DataError as e:
             raise DataError(f"{source} row {number}: {e}") from None
-        if isinstance(row.get(reference), str):
-            pair["reference"] = row[reference]
-        pairs.append(pair)
-    for reason, count in skipped.items():
-        shown = ", ".join(map(str, where[reason][:10])) + (", …" if count > 10 else "")
-        log.warning("%s: skipped %d of %d rows: %s (rows %s)", source, count, len(rows), reason, shown)
-    if not pairs:
-        raise DataError(
-            f"{source}: no usable preference pairs: all {len(rows)} rows were skipped ({dict(skipped)}); "
-            "see the warnings above for the rows"
-        )
-    return pairs, skipped
+        report.kept += 1
+        yield {"row": number, **pair, "reference": row[reference] if isinstance(row.get(reference), str) else None}
+
+
+def encode_rows(
+    rows: list[tuple[int, Row]], encoder: PairEncoder, source: str, reference: str
+) -> tuple[list[dict], Counter]:
+    """Every row encoded in memory (small sources, tests): the pairs and the skip counts."""
+    report = EncodeReport()
+    pairs = list(encode(rows, encoder, source, reference, report))
+    report.check(source)
+    return pairs, report.skipped
+
+
+def _mixed(source: str, row: tuple[str, int], first: tuple[str, int]) -> DataError:
+    return DataError(
+        f"{source} row {row[1]}: a {row[0]} row, but row {first[1]} is {first[0]}; a source "
+        "holds rows of one format: split it into files of one format each"
+    )
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
