@@ -49,7 +49,7 @@ def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[s
     """A float model folder and a JSONL of ``n_pairs`` standard-format pairs that fit ``max_length``."""
     from simpo_lightning import demo
     from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, read_source
-    from simpo_lightning.data.encoding import _split_hh
+    from simpo_lightning.data.encoding import split_hh
     from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, load_tokenizer, model_folder, save_random_model
 
     if tiny:
@@ -61,7 +61,7 @@ def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[s
         rows = []
         for _, row in read_source(str(HH_FILE))[0]:
             try:
-                prompt, chosen, rejected = _split_hh(row["chosen"], row["rejected"])
+                prompt, chosen, rejected = split_hh(row["chosen"], row["rejected"])
             except Skip:
                 continue
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})

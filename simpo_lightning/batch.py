@@ -110,6 +110,8 @@ class PairBatch:
         chosen, rejected: the two responses after their prompt, padded to one common ``T``.
         packed: the same pairs as shared-prompt sequences (``data.shared_prompt``), or None.
         ref_chosen_logps, ref_rejected_logps: ``[B]`` float64 summed reference log-probs, when precomputed.
+        margin: ``[B]`` float64 per-pair margins from the data's margin column (NaN where a row has none),
+            or None when no row has one.
     """
 
     chosen: Sequences
@@ -117,6 +119,7 @@ class PairBatch:
     packed: PackedPairs | None = None
     ref_chosen_logps: Tensor | None = None
     ref_rejected_logps: Tensor | None = None
+    margin: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.chosen)

@@ -10,21 +10,24 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from simpo_lightning.demo import exact_match
+from simpo_lightning.generation import left_padded
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def reward_accuracy(module: L.LightningModule, loader, device: torch.device) -> float | None:
-    """Share of validation pairs whose chosen reward beats the rejected one (None for unpaired data)."""
-    hits, total = 0.0, 0
+def reward_metrics(module: L.LightningModule, loader, device: torch.device) -> dict[str, float]:
+    """Over validation pairs: the share whose chosen reward beats the rejected one and the mean reward margin
+    (empty for unpaired data)."""
+    sums, total = {"rewards/accuracies": 0.0, "rewards/margins": 0.0}, 0
     for batch in loader:
         _, metrics = module.step(move_data_to_device(batch, device))
         if "rewards/accuracies" not in metrics:
-            return None
-        hits += metrics["rewards/accuracies"].sum().item()
+            return {}
+        for key in sums:
+            sums[key] += metrics[key].double().sum().item()
         total += metrics["rewards/accuracies"].numel()
-    return hits / total
+    return {key: value / total for key, value in sums.items()}
 
 
 @torch.no_grad()
@@ -35,21 +38,16 @@ def greedy_answers(
     answers = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_padded(chunk, tokenizer.pad_token_id, device)
         out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+            input_ids=ids,
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
         )
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return answers
 
 
@@ -74,9 +72,8 @@ class HeldOutReport(L.Callback):
         module.eval()
         data = trainer.datamodule
         with trainer.precision_plugin.forward_context():
-            accuracy = reward_accuracy(module, data.val_dataloader(), module.device)
-            result = {} if accuracy is None else {"rewards/accuracies": accuracy}
-            examples = data.generation_examples("val")
+            result = reward_metrics(module, data.val_dataloader(), module.device)
+            examples = data.generation_examples("val") if getattr(module, "generative", True) else []
             if examples:
                 prompts = [p for p, _ in examples]
                 answers = greedy_answers(

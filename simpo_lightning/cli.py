@@ -26,7 +26,11 @@ from simpo_lightning.errors import UserError, reported
 
 # Name -> "module:function". Each function's typed signature and docstring make its options and --help.
 COMMANDS = {
+    "evaluate": "simpo_lightning.evaluate:evaluate",
     "export": "simpo_lightning.export:export",
+    "generate": "simpo_lightning.onpolicy:generate",
+    "pairs": "simpo_lightning.onpolicy:pairs",
+    "rounds": "simpo_lightning.rounds:rounds",
 }
 DEFAULT_MODULE = "simpo_lightning.module.SimPOModule"
 DEFAULT_DATA = "simpo_lightning.data.PreferenceDataModule"
@@ -48,9 +52,10 @@ class WandbLogger(_WandbLogger):
     """Lightning's WandbLogger, offline unless W&B is configured on this machine (``offline: null``)."""
 
     def __init__(self, project: str = "simpo-lightning", save_dir: str = "runs", offline: bool | None = None, **kwargs):
-        super().__init__(
-            project=project, save_dir=save_dir, offline=not wandb_configured() if offline is None else offline, **kwargs
-        )
+        offline = not wandb_configured() if offline is None else offline
+        if offline:  # explicit: Lightning's WANDB_MODE variable is not read once W&B has started in this process
+            kwargs.setdefault("mode", "offline")
+        super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
 
 
 def run_dir(trainer: Trainer) -> Path:

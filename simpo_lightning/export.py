@@ -4,7 +4,9 @@
 
 The folder holds safetensors weights (LoRA merged into the base, quantization removed), the config
 and the tokenizer with its chat template, so ``AutoModelForCausalLM.from_pretrained(output_dir)``
-and ``AutoTokenizer.from_pretrained(output_dir)`` load it with no trace of this framework.
+and ``AutoTokenizer.from_pretrained(output_dir)`` load it with no trace of this framework; a reward
+model's (``RewardModule``) loads with ``AutoModelForSequenceClassification`` and serves as the
+``RewardModelJudge``.
 ``--adapter_only true`` writes just the LoRA adapter in ``peft`` format instead.
 """
 
@@ -15,7 +17,7 @@ from typing import Literal
 import torch
 
 from simpo_lightning.errors import UserError
-from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy, load_tokenizer, saveable
+from simpo_lightning.model import policy_from_checkpoint, saveable
 
 log = logging.getLogger(__name__)
 
@@ -34,38 +36,9 @@ def export(
     Returns:
         The output folder.
     """
-    path = Path(ckpt_path)
-    if not path.exists():
-        raise UserError(f"--ckpt_path {path}: no such checkpoint")
-    if path.is_dir():
-        raise UserError(
-            f"{path} is a sharded (distributed) checkpoint; train with ModelParallelStrategy("
-            "save_distributed_checkpoint=False) to get a single file, or consolidate it first"
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hp = checkpoint["hyper_parameters"]
-    policy = PolicyConfig(**{**hp["policy"], "quantization": None})  # the merged model is plain floats
-    lora = LoraConfig(**hp["lora"]) if hp.get("lora") else None
-    if lora is not None and policy.random_init:
-        raise UserError("a LoRA checkpoint holds only the adapters, and its random_init base weights were never saved")
+    model, tokenizer, lora = policy_from_checkpoint(ckpt_path, merge=not adapter_only)
     if adapter_only and lora is None:
         raise UserError("--adapter_only needs a LoRA checkpoint; this one trained every weight")
-    if hp["policy"].get("quantization"):
-        log.warning(
-            "the base was trained %s-bit quantized; the export merges the adapters into float weights, "
-            "so its outputs differ slightly from the quantized model's",
-            hp["policy"]["quantization"]["bits"],
-        )
-
-    model = build_policy(policy, lora)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or (lora is None and missing):
-        raise UserError(
-            f"checkpoint does not match the model it names: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    if lora is not None and not adapter_only:
-        model = model.merge_and_unload()
     if dtype is not None:
         model.to(getattr(torch, dtype))
     out = Path(output_dir)
@@ -73,6 +46,6 @@ def export(
     model.config.use_cache = True  # training turned the KV cache off; generation wants it
     saveable(model.get_base_model() if adapter_only else model)
     model.save_pretrained(out)
-    load_tokenizer(policy).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     print(f"wrote {out}", flush=True)
     return out

@@ -68,6 +68,9 @@ class PolicyConfig:
     """Passed to ``transformers``: ``sdpa``, ``eager`` or ``flash_attention_2``."""
     quantization: QuantizationConfig | None = None
     """Load the base weights in 8 or 4 bits (needs LoRA). None: ``dtype``."""
+    init_from: str | None = None
+    """A ``fit`` checkpoint whose policy weights (its LoRA adapters, or every weight) replace the loaded
+    ones before training starts, with a fresh optimizer (on-policy rounds start each round so)."""
 
 
 @dataclass
@@ -146,9 +149,11 @@ def load_tokenizer(cfg: PolicyConfig):
     return tokenizer
 
 
-def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
-    """Load (or randomly build) the causal LM and apply dropout, checkpointing and LoRA settings."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_policy(cfg: PolicyConfig, lora: LoraConfig | None, head: Literal["causal", "reward"] = "causal") -> nn.Module:
+    """Load (or randomly build) the model and apply dropout, checkpointing and LoRA settings: the causal LM, or
+    with ``head="reward"`` its backbone under a new one-output scoring head (``AutoModelForSequenceClassification``,
+    which reads the score at the last token that is not padding; with LoRA the head is trained and saved too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = model_folder(cfg)
     dtype = getattr(torch, cfg.dtype)
@@ -157,18 +162,16 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
         if not hasattr(config, key):
             raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
+    auto = AutoModelForCausalLM
+    if head == "reward":
+        auto, config.num_labels = AutoModelForSequenceClassification, 1
     if cfg.quantization is not None:
-        model = load_quantized(cfg, lora, config)
+        model = load_quantized(cfg, lora, config, auto)
     elif cfg.random_init:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
         model = from_pretrained(
-            AutoModelForCausalLM,
-            path,
-            "weights",
-            config=config,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
+            auto, path, "weights", config=config, dtype=dtype, attn_implementation=cfg.attn_implementation
         )
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode; dropout is controlled by disable_dropout instead
@@ -188,8 +191,85 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None) -> nn.Module:
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
-        model = apply_lora(model, lora)
+        model = apply_lora(model, lora, "SEQ_CLS" if head == "reward" else "CAUSAL_LM")
+    if cfg.init_from is not None:
+        load_checkpoint_weights(model, cfg.init_from)
     return model
+
+
+def read_checkpoint(ckpt_path: str) -> dict:
+    """A ``fit`` checkpoint (one file), with clear errors for what is not one."""
+    path = Path(ckpt_path).expanduser()
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise UserError(
+            f"{path} is a sharded (distributed) checkpoint; train with ModelParallelStrategy("
+            "save_distributed_checkpoint=False) to get a single file, or consolidate it first"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load_checkpoint_weights(model: nn.Module, ckpt_path: str) -> None:
+    """The policy weights of a ``fit`` checkpoint into ``model`` (built with the checkpoint's LoRA settings):
+    a LoRA checkpoint holds the adapters, the base comes from its source."""
+    checkpoint = read_checkpoint(ckpt_path)
+    lora = bool(checkpoint["hyper_parameters"].get("lora"))
+    if lora and checkpoint["hyper_parameters"]["policy"].get("random_init"):
+        raise UserError(
+            f"{ckpt_path}: a LoRA checkpoint holds only the adapters, and its random_init base weights were never saved"
+        )
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or (not lora and missing) or not state:
+        raise UserError(
+            f"{ckpt_path} does not match the model it is loaded into: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+def policy_from_checkpoint(ckpt_path: str, merge: bool = True) -> tuple[nn.Module, Any, LoraConfig | None]:
+    """The trained model of a ``fit`` checkpoint in float weights (a quantized base is loaded in float), with
+    LoRA merged unless ``merge`` is false; its tokenizer; its LoRA config. A reward model's checkpoint
+    (``RewardModule``) gives the sequence-classification model with the pad token it was trained with."""
+    checkpoint = read_checkpoint(ckpt_path)
+    hp = checkpoint["hyper_parameters"]
+    policy = PolicyConfig(**{**hp["policy"], "quantization": None, "init_from": ckpt_path})
+    lora = LoraConfig(**hp["lora"]) if hp.get("lora") else None
+    if hp["policy"].get("quantization"):
+        log.warning(
+            "%s was trained on a %s-bit quantized base; loaded in float weights with the adapters, its "
+            "outputs differ slightly from the quantized model's",
+            ckpt_path,
+            hp["policy"]["quantization"]["bits"],
+        )
+    reward = checkpoint.get("simpo_lightning_module") == "RewardModule"
+    del checkpoint
+    model = build_policy(policy, lora, head="reward" if reward else "causal")
+    tokenizer = load_tokenizer(policy)
+    if reward:
+        from simpo_lightning.reward import reward_pad_token
+
+        reward_pad_token(tokenizer, hp.get("pad_token"))
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if lora is not None and merge:
+        model = model.merge_and_unload()
+    return model, tokenizer, lora
+
+
+def inference_policy(
+    source: str | None, gguf_file: str | None = None, dtype: str = "float32"
+) -> tuple[nn.Module, object]:
+    """A policy to generate with, and its tokenizer: a ``fit`` checkpoint (``.ckpt``, LoRA merged), or what
+    ``PolicyConfig.name_or_path`` takes (a hub id, a model or exported folder, a GGUF with ``gguf_file``),
+    or None for the built-in SmolLM2. In eval mode, with the KV cache on."""
+    if source is not None and source.endswith(".ckpt"):
+        model, tokenizer, _ = policy_from_checkpoint(source)
+    else:
+        policy = PolicyConfig(name_or_path=source, gguf_file=gguf_file, dtype=dtype)
+        model, tokenizer = build_policy(policy, None), load_tokenizer(policy)
+    model.config.use_cache = True
+    return model.eval(), tokenizer
 
 
 def save_random_model(folder: str | Path, overrides: dict[str, Any], seed: int = 0) -> None:
@@ -206,10 +286,11 @@ def save_random_model(folder: str | Path, overrides: dict[str, Any], seed: int =
     load_tokenizer(PolicyConfig()).save_pretrained(folder)
 
 
-def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config) -> nn.Module:
+def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config, auto=None) -> nn.Module:
     """Load the base weights through bitsandbytes, with clear errors for what cannot work."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    auto = auto or AutoModelForCausalLM
     q = cfg.quantization
     if lora is None:
         raise ValueError(
@@ -231,7 +312,7 @@ def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config) -> nn.Mod
         )
     device = torch.get_default_device()  # Lightning's init context: the accelerator the run trains on
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto.from_pretrained(
             path,
             config=config,
             quantization_config=bnb,
@@ -275,7 +356,8 @@ def saveable(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """LoRA adapters through peft; for ``SEQ_CLS`` peft also trains and saves the scoring head (``modules_to_save``)."""
     import peft
 
     config = peft.LoraConfig(
@@ -283,7 +365,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return peft.get_peft_model(model, config)
 

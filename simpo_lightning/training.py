@@ -166,6 +166,7 @@ class TrainingModule(L.LightningModule):
                 optimizer.remove_hooks()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["simpo_lightning_module"] = type(self).__name__  # export and loading tell reward models apart
         # A LoRA checkpoint holds the trainable weights only; the base reloads from its source. Sharded
         # (distributed) checkpoints keep every key: their loader expects the model's full state dict.
         if self.lora is not None and self.device_mesh is None:

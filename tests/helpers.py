@@ -200,17 +200,18 @@ def csv_logger(save_dir: Path, name: str = "run") -> str:
     )
 
 
-def tiny_args(tiny_dir: str, save_dir: Path, *extra: str, config: str = "tiny.yaml") -> list[str]:
-    """``--config configs/<config>`` on the tiny model, a CSV logger under ``save_dir/run``, a checkpoint
-    every step, no validation, no data cache."""
-    tiny = [
-        "--model.policy.name_or_path",
-        tiny_dir,
-        "--model.policy.random_init",
-        "false",
+def tiny_model_args(tiny_dir: str) -> list[str]:
+    """Command-line options that make a config's policy the tiny model."""
+    return ["--model.policy.name_or_path", tiny_dir, "--model.policy.random_init", "false"] + [
         "--model.policy.config_overrides",
         "{}",
     ]
+
+
+def tiny_args(tiny_dir: str, save_dir: Path, *extra: str, config: str = "tiny.yaml") -> list[str]:
+    """``--config configs/<config>`` on the tiny model, a CSV logger under ``save_dir/run``, a checkpoint
+    every step, no validation, no data cache."""
+    tiny = tiny_model_args(tiny_dir)
     run = ["--trainer.logger", csv_logger(save_dir), "--trainer.callbacks", json.dumps([EVERY_STEP_CHECKPOINT])]
     return [
         "--config",
@@ -284,3 +285,8 @@ def wandb_history(path: Path) -> tuple[dict, dict]:
         elif kind == "config":
             config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.config.update})
     return history, config
+
+
+def shortest_wins(prompts: list, responses: list[str], references: list) -> list[float]:
+    """A judge for tests (``CallableJudge("helpers.shortest_wins")``): the shorter response scores higher."""
+    return [-float(len(r)) for r in responses]

@@ -47,9 +47,17 @@ def within(shipped, resolved) -> bool:
 def test_every_shipped_config_parses(config, capsys):
     """Parsing validates every key against the code's signatures, so configs cannot drift; each config
     starts with the command that runs it."""
-    first_line = config.read_text().splitlines()[0]
-    assert first_line.startswith(f"# simpo-lightning fit --config configs/{config.relative_to(ROOT / 'configs')}")
+    command = config.read_text().splitlines()[0].split()
+    assert command[:2] == ["#", "simpo-lightning"] and command[3:5] == [
+        "--config",
+        f"configs/{config.relative_to(ROOT / 'configs')}",
+    ]
     shipped = yaml.safe_load(config.read_text())
+    if command[2] != "fit":  # another command's config, e.g. rounds
+        with pytest.raises(SystemExit) as exit:
+            main([command[2], "--config", str(config), "--print_config"])
+        assert exit.value.code in (0, None) and within(shipped, yaml.safe_load(capsys.readouterr().out))
+        return
     config_resolved = resolved(capsys, "--config", str(config))
     for section in ("model", "data"):
         assert within(shipped[section].get("init_args", shipped[section]), config_resolved[section]["init_args"]), (
@@ -129,7 +137,7 @@ def test_the_command_lists_every_command_and_each_takes_a_config(tmp_path, capsy
     (tmp_path / "export.yaml").write_text(f"ckpt_path: {tmp_path}/none.ckpt\noutput_dir: {tmp_path}/out\n")
     with pytest.raises(SystemExit) as exit:
         main(["export", "--config", str(tmp_path / "export.yaml")])  # the options came from the file
-    assert exit.value.code == 2 and f"--ckpt_path {tmp_path}/none.ckpt: no such checkpoint" in capsys.readouterr().err
+    assert exit.value.code == 2 and f"{tmp_path}/none.ckpt: no such checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -234,13 +242,15 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     common = tiny_args(tiny_dir, tmp_path, *extra, *steps, *quiet, config=config)
     run_command(["fit", *common, "--data.batch_size", "4", "--model.policy.dtype", "float64"], tmp_path)
     precompute = ["--model.reference.precompute", "true", "--data.cache_dir", str(tmp_path / "cache")]
-    run_command(
-        ["fit", *common, "--data.batch_size", "2", *TWO_PROCESSES, *(precompute if config == "dpo.yaml" else [])],
-        tmp_path,
-    )
+    # The two-process LoRA run also generates with GenerationMonitor before training: in lockstep (synced_gpus).
+    monitor = {"class_path": "simpo_lightning.monitor.GenerationMonitor", "init_args": {"max_new_tokens": 4}}
+    extra_two = precompute if config == "dpo.yaml" else ["--trainer.callbacks", json.dumps([monitor])]
+    run_command(["fit", *common, "--data.batch_size", "2", *TWO_PROCESSES, *extra_two], tmp_path)
     if config == "dpo.yaml":  # training and validation pairs (test is the validation set)
         assert len(list((tmp_path / "cache").glob("ref-*.pt"))) == 2 and not list((tmp_path / "cache").glob("*.tmp-*"))
     one, two = csv_losses(tmp_path / "run/version_0/metrics.csv"), csv_losses(tmp_path / "run/version_1/metrics.csv")
+    if config == "tiny.yaml":
+        assert "monitor/mean_chars" in (tmp_path / "run/version_1/metrics.csv").read_text()
     assert sorted(one) == sorted(two) == list(range(5))
     assert len(set(one.values())) == 5  # the loss moves, so equal curves mean equal training
     for step in one:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from simpo_lightning.callbacks import reward_accuracy
+from simpo_lightning.callbacks import reward_metrics
 from simpo_lightning.data import PreferenceCollator
 from simpo_lightning.losses import LossConfig
 from simpo_lightning.model import PolicyConfig
@@ -64,7 +64,9 @@ def test_validation_metrics_average_the_whole_set(tiny_dir):
         expected = torch.cat([m[key] for m in singles]).mean()
         assert_rounding_close(result[f"val/{key}"], expected, reduction=7, what=key)
     loader = torch.utils.data.DataLoader(data.splits["val"], batch_size=3, collate_fn=collate)
-    assert_rounding_close(result["val/rewards/accuracies"], reward_accuracy(module, loader, module.device), reduction=7)
+    held_out = reward_metrics(module, loader, module.device)
+    for key in ("rewards/accuracies", "rewards/margins"):
+        assert_rounding_close(result[f"val/{key}"], held_out[key], reduction=7, what=key)
 
 
 def test_nonfinite_loss_skips_then_stops(tiny_dir):

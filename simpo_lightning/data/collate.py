@@ -64,6 +64,9 @@ class PreferenceCollator:
                 torch.tensor([e[f"ref_{side}_logps"] for e in examples], dtype=torch.float64)
                 for side in ("chosen", "rejected")
             )
+        margins = [e.get("margin") for e in examples]
+        if any(m is not None for m in margins):
+            batch.margin = torch.tensor([float("nan") if m is None else m for m in margins], dtype=torch.float64)
         return batch
 
 

@@ -53,6 +53,8 @@ class Columns:
     """Unpaired rows: true for a desirable completion, false for an undesirable one."""
     reference: str = "reference"
     """Optional gold answer, used by the held-out generation metric."""
+    margin: str = "margin"
+    """Optional number per pair: how far chosen should score above rejected (reward-model training)."""
 
 
 @dataclass
@@ -74,7 +76,7 @@ def _check_messages(value: Any, what: str) -> list[dict[str, str]]:
     return value
 
 
-def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split two HH-RLHF dialogues into (prompt, chosen response, rejected response)."""
     common = 0
     for a, b in zip(chosen, rejected):
@@ -102,6 +104,22 @@ def row_format(row: Row, columns: "Columns") -> str:
     return "standard" if columns.prompt in row else "hh"
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]) -> list[int]:
+    """The token ids a prompt is given as to the model: a string as the tokenizer makes it (with its special
+    tokens), messages rendered by the chat template up to the assistant's turn."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return render_messages(tokenizer, prompt, add_generation_prompt=True)
+
+
+def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **kwargs) -> list[int]:
+    """Chat messages as token ids, rendered by the tokenizer's chat template."""
+    if not tokenizer.chat_template:
+        raise DataError("conversational row, but the tokenizer has no chat template; set tokenizer.chat_template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class PairEncoder:
     """Turns one row into token ids ``{"prompt": […], "chosen": […], "rejected": […]}``, or for an
     unpaired row ``{"prompt": […], "completion": […], "desirable": bool}``."""
@@ -124,7 +142,7 @@ class PairEncoder:
         if fmt == "hh":
             if not isinstance(chosen, str) or not isinstance(rejected, str):
                 raise DataError("hh format needs string 'chosen' and 'rejected' dialogues")
-            prompt, chosen, rejected = _split_hh(chosen, rejected)
+            prompt, chosen, rejected = split_hh(chosen, rejected)
             self._check_responses(chosen, rejected)
             return self._pair(*self._encode_text(prompt, [chosen, rejected]))
         if fmt == "standard":
@@ -173,21 +191,14 @@ class PairEncoder:
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         responses = [tok(r, add_special_tokens=False)["input_ids"] + eos for r in responses]
-        return self._truncate(tok(prompt)["input_ids"], responses)
+        return self._truncate(encode_prompt(tok, prompt), responses)
 
     def _encode_messages(self, prompt: list, responses: list[list]) -> tuple[list[int], list[list[int]]]:
         tok = self.tokenizer
-        if not tok.chat_template:
-            raise DataError("conversational row, but the tokenizer has no chat template; set tokenizer.chat_template")
-
-        def ids(messages: list[dict[str, str]], **kwargs) -> list[int]:
-            text = tok.apply_chat_template(messages, tokenize=False, **kwargs)
-            return tok(text, add_special_tokens=False)["input_ids"]
-
-        prompt_ids = ids(prompt, add_generation_prompt=True)
+        prompt_ids = encode_prompt(tok, prompt)
         encoded = []
         for messages in responses:
-            full = ids(prompt + messages)
+            full = render_messages(tok, prompt + messages)
             if full[: len(prompt_ids)] != prompt_ids:
                 raise DataError(
                     "the chat template's rendering of the prompt is not a token prefix of the rendered "
@@ -284,7 +295,13 @@ def encode(
         except DataError as e:
             raise DataError(f"{source} row {number}: {e}") from None
         report.kept += 1
-        yield {"row": number, **pair, "reference": row[reference] if isinstance(row.get(reference), str) else None}
+        margin = row.get(encoder.columns.margin)
+        if margin is not None and not isinstance(margin, (int, float)):
+            raise DataError(
+                f"{source} row {number}: column {encoder.columns.margin!r} must be a number, got {margin!r}"
+            )
+        gold = row[reference] if isinstance(row.get(reference), str) else None
+        yield {"row": number, **pair, "reference": gold, "margin": None if margin is None else float(margin)}
 
 
 def encode_rows(

@@ -25,7 +25,7 @@ from simpo_lightning.data.sources import Source
 
 log = logging.getLogger(__name__)
 
-ENCODER_VERSION = 2  # bump when PairEncoder or the stored columns change
+ENCODER_VERSION = 3  # bump when PairEncoder or the stored columns change
 BATCH_ROWS = 1000  # rows per Arrow record batch
 TOKENS = pa.list_(pa.int32())
 PAIRED = pa.schema(
@@ -36,6 +36,7 @@ PAIRED = pa.schema(
         ("rejected", TOKENS),
         ("length", pa.int32()),
         ("reference", pa.string()),
+        ("margin", pa.float64()),
     ]
 )
 UNPAIRED = pa.schema(
@@ -134,7 +135,10 @@ def _encode_part(
 
 
 def _stored(pair: dict) -> dict:
-    """An encoded pair as a stored row: ``length`` is its tokens (prompt and responses)."""
+    """An encoded pair as a stored row: ``length`` is its tokens (prompt and responses). Unpaired rows have
+    no margin (it is a property of a pair)."""
+    if "completion" in pair:
+        pair = {k: v for k, v in pair.items() if k != "margin"}
     responses = ("completion",) if "completion" in pair else ("chosen", "rejected")
     return {**pair, "length": len(pair["prompt"]) + sum(len(pair[k]) for k in responses)}
 

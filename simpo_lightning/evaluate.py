@@ -1,0 +1,401 @@
+"""``simpo-lightning evaluate``: are the answers better, or only longer?
+
+For a set of prompts, each candidate (a ``fit`` checkpoint, an exported folder, a hub id; a glob pattern
+takes every matching checkpoint) and a baseline (another model, or the prompts' reference answers) answer
+every prompt; a judge compares the two answers of each prompt, and the report gives per candidate:
+
+- the win rate against the baseline (ties count half) with a 95% interval: the 2.5th and 97.5th
+  percentiles of the win rate over prompts resampled with replacement (a seeded bootstrap);
+- a length-controlled win rate, as AlpacaEval 2's without its instruction-difficulty term: a logistic
+  regression of each prompt's outcome (a soft target in [0, 1]) on tanh(Δ / sd(Δ)), Δ the candidate's
+  answer length minus the baseline's in characters and sd its standard deviation over the prompts, fitted
+  by Newton's method; the rate is the fitted win probability at Δ = 0, σ(intercept). With fewer than
+  ``min_prompts_for_lc`` prompts, equal lengths everywhere, or outcomes that length separates perfectly,
+  there is no such rate and the report says why;
+- mean and median lengths of both sides, the share of answers that hit ``max_new_tokens``, repetition
+  (the share of answers with a repeated word 4-gram, and distinct-2: distinct word bigrams over all bigrams);
+- the cost: prompts per second, and the shares of time spent generating and judging.
+
+Judges: a pointwise ``Judge`` (``RewardModelJudge``, ``RuleJudge``, ``CallableJudge``) scores each answer and
+the higher score wins; a ``PairwiseJudge`` is shown both answers in both orders, and the outcome is the
+mean of its two probabilities that the candidate is better. Each side renders prompts with its own chat
+template; the judge reads text. With ``sampling.n`` > 1, sample k of a candidate meets sample k of the
+baseline and a prompt's outcome is the mean over k. The baseline model samples with seed ``sampling.seed``,
+candidate i with ``sampling.seed + i + 1``, so a model against itself with sampling is a fair coin.
+
+Written to ``output_dir``: ``results.md`` (the table), ``results.json``, ``per_prompt.jsonl`` (both
+answers, the judge's numbers and the outcome of every prompt and candidate), ``win_rate.png`` (win rate
+and length per candidate), and the answers under ``generations/`` (reused by a rerun with the same
+settings). With ``wandb: true`` the table and picture also go to a W&B run (offline unless W&B is set up).
+
+    simpo-lightning evaluate --candidates '[runs/quickstart/.../last.ckpt]' --judge RuleJudge
+"""
+
+import glob
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from simpo_lightning.data.encoding import Columns
+from simpo_lightning.errors import UserError
+from simpo_lightning.generation import SamplingConfig
+from simpo_lightning.judges import Judge, PairwiseJudge, RuleJudge
+from simpo_lightning.onpolicy import generate, read_jsonl
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "reference"  # the baseline that answers with each prompt's reference column
+
+
+def evaluate(
+    candidates: list[str],
+    prompts: str = "demo:val",
+    baseline: str | None = None,
+    judge: Judge | PairwiseJudge | None = None,
+    sampling: SamplingConfig = SamplingConfig(n=1, temperature=0.0, max_new_tokens=64),
+    output_dir: str = "runs/evaluate",
+    max_prompts: int | None = None,
+    max_prompt_length: int = 1024,
+    columns: Columns = Columns(),
+    bootstrap: int = 2000,
+    min_prompts_for_lc: int = 10,
+    seed: int = 0,
+    wandb: bool = False,
+) -> list[dict]:
+    """Win rate, length-controlled win rate, lengths and repetition of candidates against a baseline.
+
+    Args:
+        candidates: models to evaluate: ``fit`` checkpoints (``.ckpt``), model or exported folders, hub ids,
+            ``default`` for the built-in SmolLM2, ``reference`` for the prompts' reference answers; a glob
+            pattern (``runs/x/checkpoints/*.ckpt``) takes every match.
+        prompts: the prompts (as ``generate`` takes them: ``demo:val``, a JSONL file, …).
+        baseline: the model the candidates are compared with (as a candidate), None for the built-in SmolLM2,
+            or ``reference`` for the prompts' reference answers.
+        judge: ``class_path`` of a ``Judge`` (scores each answer) or a ``PairwiseJudge`` (compares two);
+            None: ``RuleJudge`` (the demo's: right and short beats right and wordy beats wrong).
+        sampling: how every side answers (default: greedy, one answer, 64 tokens at most).
+        output_dir: where the report and the answers go.
+        max_prompts: the first this many prompts only.
+        max_prompt_length: longer prompts are skipped (counted).
+        columns: column names of ``prompts``.
+        bootstrap: resamples of the prompts for the 95% interval.
+        min_prompts_for_lc: fewer prompts than this give no length-controlled win rate.
+        seed: seeds the bootstrap.
+        wandb: also log the table and the picture to W&B.
+
+    Returns:
+        One result per candidate (as in ``results.json``).
+    """
+    sources = _expand(candidates)
+    judge = judge if judge is not None else RuleJudge()
+    out = Path(output_dir)
+    clock = {"generation": 0.0, "judging": 0.0}
+    common = dict(columns=columns, max_prompt_length=max_prompt_length, max_prompts=max_prompts)
+
+    def answers(source: str | None, index: int) -> dict[str, dict]:
+        start = time.perf_counter()
+        settings = {**asdict(sampling), "seed": sampling.seed + index + 1}
+        name = hashlib.sha256(json.dumps([source, settings, prompts, max_prompts]).encode()).hexdigest()[:12]
+        path = out / "generations" / f"{_label(source)}-{name}.jsonl".replace("/", "_")
+        model = None if source == "default" else source
+        generate(prompts, str(path), model=model, sampling=SamplingConfig(**settings), progress=False, **common)
+        clock["generation"] += time.perf_counter() - start
+        # Keyed by the prompt as written: sides with different tokenizers answer the same prompts.
+        return {json.dumps(r["prompt"], sort_keys=True): r for r in read_jsonl(path)}
+
+    if baseline == REFERENCE and REFERENCE in sources:
+        raise UserError("evaluate: the reference answers cannot be both the baseline and a candidate")
+    if baseline == REFERENCE and not sources:
+        raise UserError("evaluate needs at least one candidate")
+    base = None if baseline == REFERENCE else answers(baseline or "default", -1)
+    results, rows = [], []
+    base_scores: dict[str, list[float]] = {}
+    for i, source in enumerate(sources):
+        mine = _reference_answers(base, sampling.n) if source == REFERENCE else answers(source, i)
+        if base is None:
+            base = _reference_answers(mine, sampling.n)
+        keys = [k for k in mine if k in base]
+        if not keys:
+            raise UserError(f"{source}: no prompt has an answer from both sides")
+        start = time.perf_counter()
+        outcomes, judged = judge_outcomes(judge, keys, mine, base, base_scores)
+        clock["judging"] += time.perf_counter() - start
+        result = {"candidate": _label(source), "source": source, "prompts": len(keys)}
+        result.update(win_rate(outcomes, bootstrap, seed))
+        lengths = [[len(t) for t in side[k]["responses"]] for side in (mine, base) for k in keys]
+        mine_chars = torch.tensor(lengths[: len(keys)], dtype=torch.float64).mean(1)
+        base_chars = torch.tensor(lengths[len(keys) :], dtype=torch.float64).mean(1)
+        lc, how = length_controlled_win_rate(outcomes, mine_chars - base_chars, min_prompts_for_lc)
+        result.update({"lc_win_rate": lc, "lc_note": how})
+        result["candidate_stats"] = response_stats([mine[k] for k in keys])
+        result["baseline_stats"] = response_stats([base[k] for k in keys])
+        results.append(result)
+        for k, outcome, numbers in zip(keys, outcomes.tolist(), judged):
+            rows.append(
+                {
+                    "candidate": result["candidate"],
+                    "prompt": mine[k]["prompt"],
+                    "reference": mine[k]["reference"],
+                    "candidate_responses": mine[k]["responses"],
+                    "baseline_responses": base[k]["responses"],
+                    **numbers,
+                    "outcome": outcome,
+                }
+            )
+    total = clock["generation"] + clock["judging"]
+    cost = {
+        "prompts_per_second": sum(r["prompts"] for r in results) / max(total, 1e-9),
+        "generation_share": clock["generation"] / max(total, 1e-9),
+        "judging_share": clock["judging"] / max(total, 1e-9),
+        "seconds": total,
+    }
+    _write(out, results, rows, cost, _label(baseline), wandb)
+    return results
+
+
+def _expand(candidates: list[str]) -> list[str]:
+    sources = []
+    for c in candidates:
+        if any(ch in c for ch in "*?["):
+            matches = sorted(glob.glob(c))
+            if not matches:
+                raise UserError(f"candidate pattern {c!r} matches nothing")
+            sources += matches
+        else:
+            sources.append(c)
+    return sources
+
+
+def _label(source: str | None) -> str:
+    """A short name: the built-in model's, a checkpoint's run folder and file, a folder's or hub id's last part."""
+    if source in (None, "default"):
+        return "SmolLM2-135M-Instruct"
+    if source == REFERENCE:
+        return REFERENCE
+    path = Path(source)
+    if path.suffix == ".ckpt":
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return f"{run.name}/{path.stem}"
+    return path.name or source
+
+
+def _reference_answers(generations: dict[str, dict], n: int) -> dict[str, dict]:
+    """The reference column as the baseline's answers (n copies each); prompts without one are skipped."""
+    answers = {}
+    for key, row in generations.items():
+        if isinstance(row.get("reference"), str):
+            answers[key] = {
+                **{k: v for k, v in row.items() if k != "response_tokens"},
+                "responses": [row["reference"]] * n,
+                "finish_reasons": ["stop"] * n,
+            }
+    if len(answers) < len(generations):
+        log.warning("baseline reference: %d prompts have no reference answer; skipped", len(generations) - len(answers))
+    if not answers:
+        raise UserError("baseline reference: no prompt has a reference answer (the data's reference column)")
+    return answers
+
+
+def judge_outcomes(
+    judge: Judge | PairwiseJudge, keys: list[str], mine: dict, base: dict, cache: dict[str, list[float]]
+) -> tuple[torch.Tensor, list[dict]]:
+    """Per prompt the outcome (1 the candidate wins, 0 it loses, the mean over samples) and the judge's numbers."""
+    n = min(len(mine[k]["responses"]) for k in keys)
+    flat = [(k, j) for k in keys for j in range(n)]
+    prompts = [mine[k]["prompt"] for k, _ in flat]
+    ours = [mine[k]["responses"][j] for k, j in flat]
+    theirs = [base[k]["responses"][j] for k, j in flat]
+    if isinstance(judge, PairwiseJudge):
+        first = torch.tensor(judge(prompts, ours, theirs), dtype=torch.float64)  # candidate shown first
+        second = torch.tensor(judge(prompts, theirs, ours), dtype=torch.float64)  # and second
+        outcome = (first + 1 - second) / 2
+        numbers = [{"p_candidate_first": a, "p_baseline_first": b} for a, b in zip(first.tolist(), second.tolist())]
+    else:
+        references = [mine[k]["reference"] for k, _ in flat]
+        missing = [k for k in keys if k not in cache]
+        if missing:
+            texts = [
+                (mine[k]["prompt"], base[k]["responses"][j], mine[k]["reference"]) for k in missing for j in range(n)
+            ]
+            scores = judge([t[0] for t in texts], [t[1] for t in texts], [t[2] for t in texts])
+            for i, k in enumerate(missing):
+                cache[k] = scores[i * n : (i + 1) * n]
+        a = torch.tensor(judge(prompts, ours, references), dtype=torch.float64)
+        b = torch.tensor([cache[k][j] for k, j in flat], dtype=torch.float64)
+        outcome = (a > b).double() + 0.5 * (a == b).double()
+        numbers = [{"candidate_score": x, "baseline_score": y} for x, y in zip(a.tolist(), b.tolist())]
+    per_prompt = outcome.view(len(keys), n).mean(1)
+    grouped = [{k: [d[k] for d in numbers[i * n : (i + 1) * n]] for k in numbers[0]} for i in range(len(keys))]
+    return per_prompt, grouped
+
+
+def win_rate(outcomes: torch.Tensor, resamples: int = 2000, seed: int = 0) -> dict:
+    """The mean outcome and its 95% bootstrap interval (prompts resampled with replacement, seeded)."""
+    outcomes = outcomes.double()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(len(outcomes), (resamples, len(outcomes)), generator=generator)
+    means = outcomes[index].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"win_rate": outcomes.mean().item(), "win_rate_low": low, "win_rate_high": high}
+
+
+def length_controlled_win_rate(
+    outcomes: torch.Tensor, length_difference: torch.Tensor, min_prompts: int = 10
+) -> tuple[float | None, str]:
+    """σ(a) of the logistic regression outcome ~ σ(a + b·tanh(Δ / sd(Δ))), soft targets, by Newton's method;
+    None and the reason where the regression cannot be fitted."""
+    y, delta = outcomes.double(), length_difference.double()
+    if len(y) < min_prompts:
+        return None, f"{len(y)} prompts, fewer than {min_prompts}: no length-controlled win rate"
+    spread = delta.std()
+    if spread == 0:
+        return None, "every answer pair has the same length difference: no length-controlled win rate"
+    if y.min() == y.max():
+        return y[0].item(), "every prompt has the same outcome: the length-controlled win rate equals it"
+    features = torch.stack([torch.ones_like(delta), torch.tanh(delta / spread)], dim=1)
+    theta = torch.zeros(2, dtype=torch.float64)
+    for _ in range(100):
+        p = torch.sigmoid(features @ theta)
+        gradient = features.T @ (p - y) / len(y)
+        hessian = features.T @ (features * (p * (1 - p))[:, None]) / len(y)
+        theta = theta - torch.linalg.solve(hessian, gradient)
+        if gradient.abs().max() < 1e-12:
+            break
+    if not torch.isfinite(theta).all() or theta.abs().max() > 30 or gradient.abs().max() > 1e-8:
+        return None, "length separates the outcomes (the regression does not converge): no length-controlled win rate"
+    how = f"logistic regression on tanh(Δchars / {spread:.0f}): intercept {theta[0]:.3f}, slope {theta[1]:.3f}"
+    return torch.sigmoid(theta[0]).item(), how
+
+
+def response_stats(rows: list[dict]) -> dict:
+    """Lengths (characters and tokens), the share that hit max_new_tokens, and repetition of generated rows."""
+    texts = [t for r in rows for t in r["responses"]]
+    chars = torch.tensor([len(t) for t in texts], dtype=torch.float64)
+    tokens = [t for r in rows for t in r.get("response_tokens", [])]
+    finish = [f for r in rows for f in r.get("finish_reasons", [])]
+    return {
+        "mean_chars": chars.mean().item(),
+        "median_chars": chars.median().item(),
+        "mean_tokens": sum(tokens) / len(tokens) if tokens else None,
+        "hit_max_new_tokens": finish.count("length") / len(finish) if finish else 0.0,
+        **repetition(texts),
+    }
+
+
+def repetition(texts: list[str]) -> dict:
+    """``repeated_4gram``: the share of texts in which some word 4-gram occurs twice or more; ``distinct_2``:
+    distinct word bigrams over all word bigrams of the texts (1 where there are none). Words: lower-cased,
+    split at white space."""
+    repeated, bigrams = 0, []
+    for text in texts:
+        words = text.lower().split()
+        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+        repeated += len(set(grams)) < len(grams)
+        bigrams += [tuple(words[i : i + 2]) for i in range(len(words) - 1)]
+    return {
+        "repeated_4gram": repeated / len(texts) if texts else 0.0,
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 1.0,
+    }
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def table(results: list[dict], baseline: str) -> str:
+    lines = [
+        f"Baseline: {baseline}.",
+        "",
+        "| candidate | prompts | win rate [95% CI] | LC win rate | mean / median chars (baseline) | "
+        "hit max tokens | repeated 4-gram | distinct-2 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c, b = r["candidate_stats"], r["baseline_stats"]
+        lines.append(
+            f"| {r['candidate']} | {r['prompts']} | {_percent(r['win_rate'])} "
+            f"[{_percent(r['win_rate_low'])}, {_percent(r['win_rate_high'])}] | {_percent(r['lc_win_rate'])} | "
+            f"{c['mean_chars']:.0f} / {c['median_chars']:.0f} ({b['mean_chars']:.0f} / {b['median_chars']:.0f}) | "
+            f"{_percent(c['hit_max_new_tokens'])} ({_percent(b['hit_max_new_tokens'])}) | "
+            f"{_percent(c['repeated_4gram'])} ({_percent(b['repeated_4gram'])}) | "
+            f"{c['distinct_2']:.2f} ({b['distinct_2']:.2f}) |"
+        )
+    lines += ["", *[f"- {r['candidate']}: {r['lc_note']}" for r in results]]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Win rate (with its interval) and LC win rate per candidate; mean answer length beside the baseline's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["candidate"] for r in results]
+    x = range(len(results))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(results), 3.6))
+    rates = [r["win_rate"] for r in results]
+    errors = [
+        [w - r["win_rate_low"] for w, r in zip(rates, results)],
+        [r["win_rate_high"] - w for w, r in zip(rates, results)],
+    ]
+    left.errorbar(x, rates, yerr=errors, fmt="o", capsize=4, label="win rate (95% CI)")
+    lc = [(i, r["lc_win_rate"]) for i, r in enumerate(results) if r["lc_win_rate"] is not None]
+    if lc:
+        left.plot([i for i, _ in lc], [v for _, v in lc], "s", color="tab:orange", label="length-controlled")
+    left.axhline(0.5, color="grey", lw=0.8, ls="--")
+    left.set(ylim=(0, 1), ylabel="against the baseline", title="win rate")
+    left.legend(fontsize=8)
+    width = 0.38
+    right.bar(
+        [i - width / 2 for i in x], [r["candidate_stats"]["mean_chars"] for r in results], width, label="candidate"
+    )
+    right.bar([i + width / 2 for i in x], [r["baseline_stats"]["mean_chars"] for r in results], width, label="baseline")
+    right.set(ylabel="characters", title="mean answer length")
+    right.legend(fontsize=8)
+    for axis in (left, right):
+        axis.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
+        axis.set_xlim(-0.6, len(results) - 0.4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write(out: Path, results: list[dict], rows: list[dict], cost: dict, baseline: str, use_wandb: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(results, baseline)
+    text += (
+        f"\n\nCost: {cost['prompts_per_second']:.2f} prompts/s over {cost['seconds']:.0f} s, "
+        f"{100 * cost['generation_share']:.0f}% generating, {100 * cost['judging_share']:.0f}% judging."
+    )
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"baseline": baseline, "results": results, "cost": cost}, indent=1))
+    (out / "per_prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot(results, out / "win_rate.png")
+    if use_wandb:
+        _log_wandb(out, results)
+    print(text, flush=True)
+    print(f"wrote {out}/results.md, results.json, per_prompt.jsonl, win_rate.png", flush=True)
+
+
+def _log_wandb(out: Path, results: list[dict]) -> None:
+    import wandb
+
+    from simpo_lightning.cli import wandb_configured
+
+    run = wandb.init(
+        project="simpo-lightning", name="evaluate", dir=str(out), mode="online" if wandb_configured() else "offline"
+    )
+    columns = ["candidate", "prompts", "win_rate", "win_rate_low", "win_rate_high", "lc_win_rate"]
+    run.log(
+        {
+            "evaluate/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in results]),
+            "evaluate/win_rate": wandb.Image(str(out / "win_rate.png")),
+        }
+    )
+    run.finish()

@@ -1,0 +1,274 @@
+"""On-policy preference pairs, the SimPO paper's own recipe: sample several responses per prompt from the
+policy being trained, score them with a judge, keep the best as chosen and the worst as rejected, train,
+and repeat in rounds. Three commands:
+
+    simpo-lightning generate --prompts demo --output generations.jsonl --sampling.n 4
+    simpo-lightning pairs --generations generations.jsonl --output pairs.jsonl --judge RuleJudge
+    simpo-lightning rounds --config configs/onpolicy-demo.yaml
+
+Files are JSONL, one prompt a line, and every step resumes: ``generate`` skips the prompts its output
+already holds (a truncated last line is dropped and redone), ``rounds`` skips every finished stage.
+"""
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from simpo_lightning.data.encoding import Columns, encode_prompt, split_hh
+from simpo_lightning.data.sources import DataError, Skip, Source
+from simpo_lightning.errors import UserError
+from simpo_lightning.generation import SamplingConfig, sample_responses
+from simpo_lightning.judges import Judge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptRow:
+    """A prompt to sample from: as the source gives it (text or messages), its reference answer, its tokens."""
+
+    row: int
+    prompt: str | list[dict[str, str]]
+    reference: str | None
+    tokens: list[int]
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(repr(self.tokens).encode()).hexdigest()[:16]
+
+
+def read_prompts(
+    source: str, tokenizer, columns: Columns = Columns(), max_prompt_length: int = 1024
+) -> list[PromptRow]:
+    """The distinct prompts of a source (a preference file, a prompt file, ``demo``), in its order. Rows
+    without a usable prompt, and prompts longer than ``max_prompt_length`` tokens, are skipped and counted."""
+    prompts, seen, skipped = [], set(), Counter()
+    for number, row in Source(source).rows():
+        prompt = _prompt_of(row, columns) if isinstance(row, dict) else None
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            skipped["missing or empty prompt"] += 1
+            continue
+        if not isinstance(prompt, (str, list)):
+            raise DataError(f"{source} row {number}: column {columns.prompt!r} must be text or messages")
+        tokens = encode_prompt(tokenizer, prompt)
+        if len(tokens) > max_prompt_length:
+            skipped[f"prompt over {max_prompt_length} tokens"] += 1
+            continue
+        reference = row.get(columns.reference)
+        item = PromptRow(number, prompt, reference if isinstance(reference, str) else None, tokens)
+        if item.key not in seen:
+            seen.add(item.key)
+            prompts.append(item)
+    for reason, count in skipped.items():
+        log.warning("%s: skipped %d rows: %s", source, count, reason)
+    if not prompts:
+        raise DataError(f"{source}: no usable prompts ({dict(skipped)})")
+    return prompts
+
+
+def _prompt_of(row: dict, columns: Columns) -> str | list | None:
+    """A row's prompt column, or for an HH-RLHF row (two whole dialogues) the dialogue they share."""
+    if columns.prompt in row or not all(isinstance(row.get(c), str) for c in (columns.chosen, columns.rejected)):
+        return row.get(columns.prompt)
+    try:
+        return split_hh(row[columns.chosen], row[columns.rejected])[0]
+    except Skip:
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSONL file that may have been cut off mid-line; an incomplete last line is
+    dropped (and removed from the file, so that appending goes on from a whole line)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise DataError(f"{path}:{i + 1}: not valid JSON in the middle of the file") from None
+            path.write_text("".join(lines[:i]))
+            log.warning("%s: dropped an incomplete last line (an interrupted run); it is done again", path)
+    return rows
+
+
+def generate(
+    prompts: str,
+    output: str,
+    model: str | None = None,
+    gguf_file: str | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    columns: Columns = Columns(),
+    max_prompt_length: int = 1024,
+    max_prompts: int | None = None,
+    devices: int = 1,
+    accelerator: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Sample responses from a policy, several per prompt, into a JSONL file.
+
+    Args:
+        prompts: where the prompts are: ``demo``, or a JSONL/JSON/Parquet file or ``datasets`` name with a
+            ``prompt`` column (text, or chat messages rendered with the policy's chat template) and an optional
+            ``reference`` column, as the training data.
+        output: the JSONL file to write, one prompt a line (prompt, reference, responses, finish reasons,
+            response tokens, settings). Prompts it already holds are not sampled again.
+        model: the policy: a ``fit`` checkpoint (``.ckpt``, with or without LoRA), a model or exported folder,
+            a hub id; None: the built-in SmolLM2.
+        gguf_file: a GGUF file inside ``model``'s folder.
+        sampling: samples per prompt, temperature, top-p, lengths, seed, batch size.
+        columns: column names of ``prompts``.
+        max_prompt_length: longer prompts are skipped (counted).
+        max_prompts: the first this many usable prompts only; None: all.
+        devices: processes that split the prompts (each writes its part, the first merges them).
+        accelerator: ``cpu``, ``gpu`` or ``auto``.
+        progress: show a progress bar with samples/s and tokens/s.
+    """
+    from lightning.fabric import Fabric
+
+    from simpo_lightning.model import inference_policy
+
+    fabric = Fabric(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto")
+    fabric.launch()
+    policy, tokenizer = inference_policy(model, gguf_file)
+    policy.to(fabric.device)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f"{out.name}.part{fabric.global_rank}")
+    done = {r["key"] for path in [out, *out.parent.glob(f"{out.name}.part*")] for r in read_jsonl(path)}
+    wanted = read_prompts(prompts, tokenizer, columns, max_prompt_length)[:max_prompts]
+    # split before dropping the done ones: another process may already be writing its part
+    mine = [p for p in wanted[fabric.global_rank :: fabric.world_size] if p.key not in done]
+    mine.sort(key=lambda p: -len(p.tokens))
+    settings = {**asdict(sampling), "model": model}
+    chunk = max(1, sampling.batch_size // sampling.n) * 8  # prompts per write
+    for start in range(0, len(mine), chunk):
+        batch = mine[start : start + chunk]
+        samples = sample_responses(
+            policy, tokenizer, [p.tokens for p in batch], sampling, progress and fabric.is_global_zero
+        )
+        with part.open("a") as f:
+            for p, responses in zip(batch, samples):
+                f.write(
+                    json.dumps(
+                        {
+                            "key": p.key,
+                            "row": p.row,
+                            "prompt": p.prompt,
+                            "reference": p.reference,
+                            "responses": [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in responses],
+                            "finish_reasons": [s.finish_reason for s in responses],
+                            "response_tokens": [len(s.tokens) for s in responses],
+                            "settings": settings,
+                        }
+                    )
+                    + "\n"
+                )
+    fabric.barrier()
+    if fabric.is_global_zero and list(out.parent.glob(f"{out.name}.part*")):
+        _merge(out)
+    fabric.barrier()
+    return out
+
+
+def _merge(out: Path) -> None:
+    """The output and every process's part as one file ordered by source row, parts removed."""
+    rows = {r["key"]: r for path in [out, *sorted(out.parent.glob(f"{out.name}.part*"))] for r in read_jsonl(path)}
+    ordered = sorted(rows.values(), key=lambda r: r["row"])
+    temporary = out.with_name(out.name + ".tmp")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    temporary.replace(out)
+    for path in out.parent.glob(f"{out.name}.part*"):
+        path.unlink()
+    reasons = Counter(f for r in ordered for f in r["finish_reasons"])
+    if reasons["length"]:
+        log.warning(
+            "%s: %d of %d responses reached max_new_tokens without end-of-sequence (kept, finish_reason 'length')",
+            out,
+            reasons["length"],
+            sum(reasons.values()),
+        )
+    print(f"wrote {len(ordered)} prompts to {out}", flush=True)
+
+
+def pairs(generations: str, output: str, judge: Judge, batch_size: int = 256) -> dict:
+    """Score every response with a judge and keep, for each prompt, the best as chosen and the worst as
+    rejected: a preference file that ``fit`` reads as it is.
+
+    Prompts whose responses are all the same, or all score the same, give no preference and are dropped
+    (counted). Each pair keeps both scores and both lengths in tokens.
+
+    Args:
+        generations: a file written by ``generate``.
+        output: the JSONL file of pairs to write.
+        judge: the judge (``class_path`` and ``init_args`` in YAML, e.g. ``simpo_lightning.judges.RuleJudge``).
+        batch_size: responses per call of the judge.
+
+    Returns:
+        The summary: prompts, pairs kept, dropped (identical, tied), mean score and mean lengths.
+    """
+    rows = read_jsonl(Path(generations))
+    if not rows:
+        raise UserError(f"{generations}: no generations (run generate first)")
+    if min(len(r["responses"]) for r in rows) < 2:
+        raise UserError(
+            f"{generations}: pairs need at least 2 responses per prompt (generate with --sampling.n 2 or more)"
+        )
+    flat = [(i, k) for i, r in enumerate(rows) for k in range(len(r["responses"]))]
+    scores: list[float] = []
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start : start + batch_size]
+        scores += judge(
+            [rows[i]["prompt"] for i, _ in chunk],
+            [rows[i]["responses"][k] for i, k in chunk],
+            [rows[i]["reference"] for i, _ in chunk],
+        )
+    by_prompt: dict[int, list[float]] = {}
+    for (i, _), score in zip(flat, scores):
+        by_prompt.setdefault(i, []).append(score)
+    kept, counts = [], Counter()
+    for i, row in enumerate(rows):
+        responses, values = row["responses"], by_prompt[i]
+        if len(set(responses)) == 1:
+            counts["identical responses"] += 1
+            continue
+        best, worst = max(range(len(values)), key=values.__getitem__), min(range(len(values)), key=values.__getitem__)
+        if values[best] == values[worst]:
+            counts["tied scores"] += 1
+            continue
+        as_response = (
+            (lambda text: [{"role": "assistant", "content": text}]) if isinstance(row["prompt"], list) else str
+        )
+        kept.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": as_response(responses[best]),
+                "rejected": as_response(responses[worst]),
+                "chosen_score": values[best],
+                "rejected_score": values[worst],
+                "reference": row["reference"],
+                "chosen_tokens": row["response_tokens"][best],
+                "rejected_tokens": row["response_tokens"][worst],
+            }
+        )
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    lengths = [t for r in rows for t in r["response_tokens"]]
+    summary = {
+        "prompts": len(rows),
+        "pairs": len(kept),
+        "kept_share": len(kept) / len(rows),
+        **dict(counts),
+        "mean_score": sum(scores) / len(scores),
+        "mean_tokens": sum(lengths) / len(lengths),
+        "mean_chosen_tokens": sum(r["chosen_tokens"] for r in kept) / max(1, len(kept)),
+        "mean_rejected_tokens": sum(r["rejected_tokens"] for r in kept) / max(1, len(kept)),
+    }
+    print(f"wrote {len(kept)} pairs of {len(rows)} prompts to {out}: " + json.dumps(summary), flush=True)
+    return summary
