@@ -1,7 +1,7 @@
 """Train every method on the same model, data and settings and compare them, one after another on
 this machine (so the timings share its load).
 
-    python benchmarks/compare_methods.py                      # the quickstart settings, ~1 hour on 2 CPU cores
+    python benchmarks/compare_methods.py                      # the quickstart settings, ~30 minutes on 2 CPU cores
     python benchmarks/compare_methods.py --methods simpo dpo -- --trainer.max_steps 10
 
 Each method runs ``simpo-lightning fit --config configs/<method>.yaml`` (the SimPO one is
@@ -24,8 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simpo", "dpo", "ipo", "cpo", "orpo", "kto", "alphapo", "simper", "lndpo", "rdpo"]
 
 
-def run(method: str, extra: list[str], workdir: Path) -> dict[str, float]:
-    config = ROOT / "configs" / ("quickstart.yaml" if method == "simpo" else f"{method}.yaml")
+def run(method: str, extra: list[str], workdir: Path, config: Path | None = None) -> dict[str, float]:
+    """One ``fit`` of ``configs/<method>.yaml`` (or ``config``) in its own process, logged under
+    ``workdir/<method>``: wall time, peak RSS, median step time, held-out metrics before and after, and
+    ``last``: the last logged value of every metric."""
+    config = config or ROOT / "configs" / ("quickstart.yaml" if method == "simpo" else f"{method}.yaml")
     logger = json.dumps(
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(workdir), "name": method}}
     )
@@ -65,7 +68,9 @@ def run(method: str, extra: list[str], workdir: Path) -> dict[str, float]:
     }
     for when in ("before", "after"):
         for metric in ("rewards/accuracies", "exact_match"):
-            result[f"{when}/{metric}"] = values(f"heldout/{when}/{metric}")[-1]
+            found = values(f"heldout/{when}/{metric}")
+            result[f"{when}/{metric}"] = found[-1] if found else float("nan")
+    result["last"] = {key: values(key)[-1] for key in rows[0] if values(key)}
     return result
 
 
@@ -83,7 +88,7 @@ def main() -> None:
     results = {}
     for method in args.methods:
         results[method] = run(method, extra, workdir)
-        print(f"{method}: {results[method]}", flush=True)
+        print(f"{method}: { {k: v for k, v in results[method].items() if k != 'last'} }", flush=True)
     base = results.get("simpo")
     header = (
         f"| method | reward acc. before → after | exact match before → after | step s (median) | "

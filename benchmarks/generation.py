@@ -2,6 +2,7 @@
 time, and against batching without sorting the prompts by length; same model, prompts, N and lengths.
 
     python benchmarks/generation.py                       # SmolLM2-135M, 48 demo questions, N = 4, 32 tokens
+    python benchmarks/generation.py --source ../shared/data/hh-rlhf-harmless-test.jsonl.gz  # prompts of many lengths
     python benchmarks/generation.py --tiny --prompts 8    # a 2-layer random model: checks the script runs
 
 Every response has exactly ``tokens`` new tokens (``min_new_tokens = max_new_tokens``), so each way does
@@ -16,17 +17,18 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="demo", help="prompts: demo, or any file the generate command reads")
     parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--max_prompt_length", type=int, default=256, help="longer prompts are left out")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per sample")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per forward pass (ours)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
 
-    from simpo_lightning import demo
-    from simpo_lightning.data.encoding import encode_prompt
     from simpo_lightning.generation import SamplingConfig, sample_responses
     from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, build_policy, inference_policy, load_tokenizer
+    from simpo_lightning.onpolicy import read_prompts
 
     if args.tiny:
         policy = PolicyConfig(random_init=True, config_overrides=TINY_ARCHITECTURE)
@@ -34,9 +36,8 @@ def main() -> None:
         model.config.use_cache = True
     else:
         model, tokenizer = inference_policy(None)
-    questions = list(dict.fromkeys(str(r["prompt"]) for r in demo.rows("train")))  # distinct, in order
-    rows = {str(r["prompt"]): r["prompt"] for r in demo.rows("train")}
-    prompts = [encode_prompt(tokenizer, rows[q]) for q in questions][: args.prompts]
+    rows = read_prompts(args.source, tokenizer, max_prompt_length=args.max_prompt_length)
+    prompts = [r.tokens for r in rows[: args.prompts]]
     config = SamplingConfig(
         n=args.n, temperature=1.0, max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=args.batch_size
     )

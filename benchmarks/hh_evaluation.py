@@ -39,7 +39,7 @@ def command(args: list[str], log: Path) -> float:
 def heldout(metrics: Path) -> dict[str, float]:
     values = {}
     for row in csv.DictReader(metrics.open()):
-        values.update({k: float(v) for k, v in row.items() if k.startswith("heldout/") and v})
+        values.update({k: float(v) for k, v in row.items() if k.startswith(("heldout/", "val/rewards/")) and v})
     return values
 
 

@@ -17,15 +17,17 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def reward_metrics(module: L.LightningModule, loader, device: torch.device) -> dict[str, float]:
-    """Over validation pairs: the share whose chosen reward beats the rejected one and the mean reward margin
-    (empty for unpaired data)."""
-    sums, total = {"rewards/accuracies": 0.0, "rewards/margins": 0.0}, 0
+    """Over validation pairs: the share whose chosen reward beats the rejected one, the mean reward margin and,
+    where the module reports them, the mean log-probs of the chosen and rejected responses (empty for
+    unpaired data)."""
+    sums, total = {}, 0
     for batch in loader:
         _, metrics = module.step(move_data_to_device(batch, device))
         if "rewards/accuracies" not in metrics:
             return {}
-        for key in sums:
-            sums[key] += metrics[key].double().sum().item()
+        for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+            if key in metrics:
+                sums[key] = sums.get(key, 0.0) + metrics[key].double().sum().item()
         total += metrics["rewards/accuracies"].numel()
     return {key: value / total for key, value in sums.items()}
 

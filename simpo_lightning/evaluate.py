@@ -72,7 +72,7 @@ def evaluate(
     Args:
         candidates: models to evaluate: ``fit`` checkpoints (``.ckpt``), model or exported folders, hub ids,
             ``default`` for the built-in SmolLM2, ``reference`` for the prompts' reference answers; a glob
-            pattern (``runs/x/checkpoints/*.ckpt``) takes every match.
+            pattern (``runs/x/checkpoints/*.ckpt``) takes every match; ``NAME=SOURCE`` names one in the table.
         prompts: the prompts (as ``generate`` takes them: ``demo:val``, a JSONL file, …).
         baseline: the model the candidates are compared with (as a candidate), None for the built-in SmolLM2,
             or ``reference`` for the prompts' reference answers.
@@ -91,7 +91,8 @@ def evaluate(
     Returns:
         One result per candidate (as in ``results.json``).
     """
-    sources = _expand(candidates)
+    named = [_named(c) for c in candidates]
+    sources, names = _expand([source for source, _ in named]), {source: name for source, name in named if name}
     judge = judge if judge is not None else RuleJudge()
     out = Path(output_dir)
     clock = {"generation": 0.0, "judging": 0.0}
@@ -125,7 +126,7 @@ def evaluate(
         start = time.perf_counter()
         outcomes, judged = judge_outcomes(judge, keys, mine, base, base_scores)
         clock["judging"] += time.perf_counter() - start
-        result = {"candidate": _label(source), "source": source, "prompts": len(keys)}
+        result = {"candidate": names.get(source) or _label(source), "source": source, "prompts": len(keys)}
         result.update(win_rate(outcomes, bootstrap, seed))
         lengths = [[len(t) for t in side[k]["responses"]] for side in (mine, base) for k in keys]
         mine_chars = torch.tensor(lengths[: len(keys)], dtype=torch.float64).mean(1)
@@ -169,6 +170,14 @@ def _expand(candidates: list[str]) -> list[str]:
         else:
             sources.append(c)
     return sources
+
+
+def _named(candidate: str) -> tuple[str, str | None]:
+    """``NAME=SOURCE`` as (source, name); a plain source as (source, None)."""
+    name, sep, source = candidate.partition("=")
+    if sep and name and "/" not in name and not name.startswith("."):
+        return source, name
+    return candidate, None
 
 
 def _label(source: str | None) -> str:
@@ -247,8 +256,9 @@ def win_rate(outcomes: torch.Tensor, resamples: int = 2000, seed: int = 0) -> di
 def length_controlled_win_rate(
     outcomes: torch.Tensor, length_difference: torch.Tensor, min_prompts: int = 10
 ) -> tuple[float | None, str]:
-    """σ(a) of the logistic regression outcome ~ σ(a + b·tanh(Δ / sd(Δ))), soft targets, by Newton's method;
-    None and the reason where the regression cannot be fitted."""
+    """σ(a) of the logistic regression outcome ~ σ(a + b·tanh(Δ / sd(Δ))), soft targets, by Newton's method:
+    the win rate at equal length. None and the reason where it cannot be fitted, and where no answer pair
+    is on the other side of equal length (a is then an extrapolation that the data does not constrain)."""
     y, delta = outcomes.double(), length_difference.double()
     if len(y) < min_prompts:
         return None, f"{len(y)} prompts, fewer than {min_prompts}: no length-controlled win rate"
@@ -257,6 +267,12 @@ def length_controlled_win_rate(
         return None, "every answer pair has the same length difference: no length-controlled win rate"
     if y.min() == y.max():
         return y[0].item(), "every prompt has the same outcome: the length-controlled win rate equals it"
+    if delta.min() > 0 or delta.max() < 0:
+        side = "longer" if delta.min() > 0 else "shorter"
+        return None, (
+            f"every candidate answer is {side} than the baseline's: equal length is outside the data, "
+            "so no length-controlled win rate (it would be an extrapolation)"
+        )
     features = torch.stack([torch.ones_like(delta), torch.tanh(delta / spread)], dim=1)
     theta = torch.zeros(2, dtype=torch.float64)
     for _ in range(100):

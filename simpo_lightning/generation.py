@@ -36,7 +36,7 @@ class SamplingConfig:
     seed: int = 0
     """With the prompt and the sample's index, seeds each sample's generator."""
     batch_size: int = 32
-    """Sequences (prompts times samples) per forward pass."""
+    """Sequences (prompts times samples) per forward pass, in whole prompts: at least ``n``."""
 
 
 @dataclass
@@ -69,7 +69,14 @@ class SeededSampler(LogitsProcessor):
             ordered, order = probs.sort(dim=-1, descending=True)
             outside = ordered.cumsum(-1) - ordered >= self.top_p  # tokens after the nucleus is full
             probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
-        drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        # inverse CDF at one uniform draw per row: one number from each generator, not one per vocabulary entry
+        uniform = torch.stack(
+            [torch.rand((), generator=g, device=g.device, dtype=torch.float64) for g in self.generators]
+        )
+        cdf = probs.double().cumsum(-1)
+        drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
+        last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)  # rounding must not pick a 0-probability token
+        drawn = torch.minimum(drawn, last).squeeze(-1)
         return torch.full_like(scores, float("-inf")).scatter(-1, drawn[:, None], 0.0)
 
 
@@ -89,8 +96,7 @@ def sample_responses(
     if config.n < 1:
         raise UserError(f"sampling n = {config.n}: at least one sample per prompt")
     eos = tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p])) if sort else range(len(prompts))
-    rows = [(p, k) for p in order for k in range(config.n)]
+    order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p])) if sort else list(range(len(prompts)))
     out: list[list[Sample | None]] = [[None] * config.n for _ in prompts]
     was_training = model.training
     model.eval()
@@ -101,11 +107,15 @@ def sample_responses(
         # gathered while generating.
         root(input_ids=torch.tensor([[tokenizer.eos_token_id]], device=_device(model)))
         root.unshard()
-    bar = _progress(len(rows), progress)
+    bar = _progress(len(prompts) * config.n, progress)
     start, tokens = time.perf_counter(), 0
-    for first in range(0, len(rows), config.batch_size):
-        batch = rows[first : first + config.batch_size]
-        ids, mask = left_padded([prompts[p] for p, _ in batch], tokenizer.pad_token_id, _device(model))
+    per_batch = max(1, config.batch_size // config.n)  # prompts per forward pass, each with all its samples
+    for first in range(0, len(order), per_batch):
+        chunk = order[first : first + per_batch]
+        batch = [(p, k) for p in chunk for k in range(config.n)]
+        ids, mask = left_padded([prompts[p] for p in chunk], tokenizer.pad_token_id, _device(model))
+        cache = _prompt_cache(model, ids, mask, config.n)
+        ids, mask = ids.repeat_interleave(config.n, 0), mask.repeat_interleave(config.n, 0)
         processors = LogitsProcessorList()
         if config.temperature > 0:
             seeds = [sample_seed(config.seed, prompts[p], k) for p, k in batch]
@@ -117,6 +127,7 @@ def sample_responses(
             min_new_tokens=config.min_new_tokens or None,
             do_sample=False,
             use_cache=True,
+            cache=cache,
             logits_processor=processors,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
@@ -141,6 +152,21 @@ def sample_responses(
         root.reshard()
     model.train(was_training)
     return out
+
+
+def _prompt_cache(model: nn.Module, ids: Tensor, mask: Tensor, n: int):
+    """The KV cache of the prompts but their last token, computed once per prompt and repeated for its ``n``
+    samples (``generate`` would compute it once per sample); positions as ``generate`` gives them."""
+    if ids.shape[1] < 2:
+        return None
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    supports = getattr(model, "_supports_logits_to_keep", None)
+    keep = {"logits_to_keep": 1} if supports is not None and supports() else {}
+    out = model(
+        input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True, **keep
+    )
+    out.cache.batch_repeat_interleave(n)
+    return out.cache
 
 
 def _sharded_root(model: nn.Module):

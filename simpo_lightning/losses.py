@@ -326,9 +326,19 @@ class LossConfig:
     """Key in ``LOSSES``. dpo, ipo, kto, lndpo and rdpo use a reference model."""
     beta: float | None = None
     """β (IPO's τ, ORPO's λ). Default: simpo, alphapo and lndpo 2.0, the others 0.1; simper has none."""
-    gamma_beta_ratio: float | None = None
+    gamma_beta_ratio: float | Literal["auto", "adaptive"] | None = None
     """simpo, alphapo: target margin γ/β (default 0.5); the paper's γ and TRL's ``simpo_gamma`` are
-    ``beta * gamma_beta_ratio``."""
+    ``beta * gamma_beta_ratio``. ``auto``: set once from the initial policy's reward gaps on a sample of the
+    training pairs; ``adaptive``: follows the running reward gap of the training batches (both in
+    ``simpo_lightning/margin.py``)."""
+    max_gamma_beta_ratio: float | None = None
+    """auto, adaptive: the largest γ/β they may choose (default 2.0)."""
+    auto_pairs: int | None = None
+    """auto: training pairs scored to set γ/β (default 256)."""
+    margin_decay: float | None = None
+    """adaptive: decay of the moving averages of the reward gap per training batch (default 0.9)."""
+    margin_spread: float | None = None
+    """adaptive: κ, standard deviations of the gap added to its running mean (default 0)."""
     label_smoothing: float | None = None
     """simpo, alphapo, dpo, cpo: probability that a preference label is flipped (default 0; sigmoid loss only)."""
     loss_type: Literal["sigmoid", "hinge"] | None = None
@@ -351,10 +361,11 @@ class LossConfig:
     def hparams(self) -> dict[str, Any]:
         """The set fields the loss function takes; warns about set fields it does not take."""
         accepted = inspect.signature(self.method().loss).parameters
+        margin = "gamma_beta_ratio" in accepted and isinstance(self.gamma_beta_ratio, str)
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "sft_weight") or value is None:
+            if f.name in ("name", "sft_weight") or value is None or (margin and f.name in MARGIN_FIELDS):
                 continue
             if f.name in accepted:
                 out[f.name] = value
@@ -362,6 +373,27 @@ class LossConfig:
                 log.warning("loss.%s = %r is ignored: %s does not use it", f.name, value, self.name)
         return out
 
+    def margin(self):
+        """The ``Margin`` of ``gamma_beta_ratio`` auto or adaptive, for methods with a margin; else None."""
+        if not isinstance(self.gamma_beta_ratio, str):
+            return None
+        if "gamma_beta_ratio" not in inspect.signature(self.method().loss).parameters:
+            return None  # hparams() says it is ignored
+        from simpo_lightning.margin import Margin
+
+        def value(name: str, default: float) -> float:
+            return default if getattr(self, name) is None else getattr(self, name)
+
+        return Margin(
+            self.gamma_beta_ratio,
+            value("max_gamma_beta_ratio", 2.0),
+            value("margin_decay", 0.9),
+            value("margin_spread", 0.0),
+        )
+
     def nll_weight(self) -> float:
         """``sft_weight``, or the method's default."""
         return self.method().sft_weight if self.sft_weight is None else self.sft_weight
+
+
+MARGIN_FIELDS = ("gamma_beta_ratio", "max_gamma_beta_ratio", "auto_pairs", "margin_decay", "margin_spread")

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from simpo_lightning.batch import PairBatch, Sequences, UnpairedBatch
 from simpo_lightning.losses import LossConfig, kto_kl
+from simpo_lightning.margin import set_auto_margin
 from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer
 from simpo_lightning.reference import Reference, ReferenceConfig, reference_identity
 from simpo_lightning.scoring import Scores, score_pair_batch, score_sequences
@@ -76,6 +77,7 @@ class SimPOModule(TrainingModule):
         self.save_hyperparameters(ignore=["optimizer"])  # for the record: it stores dataclasses as dicts
         self.policy, self.lora, self.loss_config, self.optimizer = policy, lora, loss, optimizer
         self.method, self.loss_hparams, self.sft_weight = loss.method(), loss.hparams(), loss.nll_weight()
+        self.margin = loss.margin()  # gamma_beta_ratio auto or adaptive: its state, kept in checkpoints
         if reference.precompute and self.method.reference and not self.method.paired:
             raise ValueError(
                 f"reference.precompute does not apply to {loss.name}: its KL term pairs each prompt "
@@ -131,11 +133,27 @@ class SimPOModule(TrainingModule):
         lengths = (
             {"chosen_lengths": chosen.lengths, "rejected_lengths": rejected.lengths} if self.method.lengths else {}
         )
-        losses, chosen_rewards, rejected_rewards = self.method.loss(*args, **lengths, **self.loss_hparams)
+        hparams = self.loss_hparams
+        if self.margin is not None:
+            hparams = {**hparams, "gamma_beta_ratio": self.margin.ratio()}
+            if self.training:
+                self._observe_gaps(args[0] - args[1])
+        losses, chosen_rewards, rejected_rewards = self.method.loss(*args, **lengths, **hparams)
         loss = losses.mean() + self._nll(chosen)
-        return loss, preference_metrics(
+        metrics = preference_metrics(
             losses, {"chosen": (chosen_rewards, chosen), "rejected": (rejected_rewards, rejected)}, average, paired=True
         )
+        if self.margin is not None and self.training:
+            metrics["gamma_beta_ratio"] = torch.full_like(losses, hparams["gamma_beta_ratio"]).detach()
+        return loss, metrics
+
+    def _observe_gaps(self, gaps: Tensor) -> None:
+        """The adaptive margin's update: this batch's mean Δ and mean Δ² over all processes."""
+        gaps = gaps.detach().double()
+        moments = torch.stack([gaps.mean(), gaps.pow(2).mean()])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            moments = self.all_gather(moments).mean(0)
+        self.margin.observe(moments)
 
     def _unpaired_step(self, batch: UnpairedBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """KTO: completions with a desirable label, and its reference point z₀ from the mismatched sequences."""
@@ -201,6 +219,7 @@ class SimPOModule(TrainingModule):
 
     def on_fit_start(self) -> None:
         self._maybe_precompute()
+        set_auto_margin(self, self.loss_config.auto_pairs)
 
     def on_validation_start(self) -> None:
         self._maybe_precompute()

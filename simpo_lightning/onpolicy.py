@@ -197,8 +197,7 @@ def _merge(out: Path) -> None:
 
 
 def pairs(generations: str, output: str, judge: Judge, batch_size: int = 256) -> dict:
-    """Score every response with a judge and keep, for each prompt, the best as chosen and the worst as
-    rejected: a preference file that ``fit`` reads as it is.
+    """Judge every response; per prompt the best becomes chosen and the worst rejected, for ``fit``.
 
     Prompts whose responses are all the same, or all score the same, give no preference and are dropped
     (counted). Each pair keeps both scores and both lengths in tokens.

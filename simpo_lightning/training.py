@@ -63,7 +63,8 @@ class TrainingModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.mean() for k, v in metrics.items() if k != "loss" and v.numel()}, batch_size=n)
         return loss
 
-    def _eval_step(self, batch: Any, prefix: str) -> None:
+    def _eval_step(self, batch: Any, prefix: str) -> dict[str, Tensor]:
+        """Updates the whole-set means; returns the per-example metrics (for callbacks such as diagnostics)."""
         _, metrics = self.step(batch)
         for key, values in metrics.items():
             if not values.numel():
@@ -71,12 +72,13 @@ class TrainingModule(L.LightningModule):
             metric = self.val_metrics[key.replace("/", "_")]
             metric.update(values)
             self.log(f"{prefix}/{key}", metric, prog_bar=key == "rewards/accuracies")
+        return metrics
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "test")
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -171,4 +173,5 @@ class TrainingModule(L.LightningModule):
         # (distributed) checkpoints keep every key: their loader expects the model's full state dict.
         if self.lora is not None and self.device_mesh is None:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            trainable |= {name for name, _ in self.named_buffers() if not name.startswith("model.")}  # e.g. margin
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, tiny_model_args
 
 
 @pytest.mark.slow
@@ -82,3 +82,17 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith("| ok |")]
     assert [row.split(" | ")[0][2:] for row in rows] == ["lora", "qlora-8bit", "qlora-4bit", "fsdp-1-device-full"]
+
+
+@pytest.mark.slow
+def test_margin_sensitivity_runs_every_kind_of_margin(tiny_dir, tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks/margin_sensitivity.py"), "--settings", "demo", "--margins"]
+    command += ["0.5", "auto", "adaptive", "--workdir", str(tmp_path), "--demo_config", "configs/tiny.yaml"]
+    command += ["--", *tiny_model_args(tiny_dir), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+    command += ["--data.cache_dir", "null", "--model.loss.auto_pairs", "16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")}
+    trained = {margin: float(rows[margin][5]) for margin in ("0.5", "auto", "adaptive")}
+    assert trained["0.5"] == 0.5 and trained["auto"] > 0 and trained["adaptive"] >= 0
+    assert all(float(rows[m][6]) > 0 for m in trained)  # the monitor's answer lengths

@@ -173,6 +173,11 @@ def test_fit_validate_test_end_to_end(tmp_path, capsys, monkeypatch):
     history, wandb_config = wandb_history(wandb_file)
     for name in ("heldout/before/exact_match", "heldout/after/rewards/accuracies", "train/rewards/chosen", "val/loss"):
         assert isinstance(history[name], (int, float)), name
+    assert isinstance(history["diagnostics/margin_length_correlation"], float)  # PreferenceDiagnostics
+    assert (
+        history["diagnostics/margin_vs_length/_type"] == "images/separated"
+        and (run_dir / "margin_vs_length.png").is_file()
+    )
     assert wandb_config["model"]["init_args"]["loss"]["beta"] == 2.0 and wandb_config["trainer"]["max_steps"] == 4
 
     checkpoint = str(run_dir / "checkpoints/last.ckpt")

@@ -81,7 +81,7 @@ def test_the_store_gives_the_pairs_order_and_skips_of_encoding_in_memory(tokeniz
     assert dm.skipped == skipped + skipped and (source == "demo") == (not skipped)  # train and val read the source
 
 
-def test_the_store_is_built_once_and_keyed_by_content_settings_and_tokenizer(tokenizer, tmp_path):
+def test_the_store_is_built_once_and_keyed_by_content_settings_and_tokenizer(tokenizer, tmp_path, monkeypatch):
     path, cache = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"
     first = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache))
     first.setup()
@@ -102,6 +102,12 @@ def test_the_store_is_built_once_and_keyed_by_content_settings_and_tokenizer(tok
     assert " changed" in {
         tokenizer.decode(p["chosen"][:-1]) for p in [*changed.splits["train"], *changed.splits["val"]]
     }
+    # other encoding code (its source hash stands in for an edit here): other store, never the old one
+    import simpo_lightning.data.datamodule as datamodule
+
+    monkeypatch.setattr(datamodule, "encoder_fingerprint", lambda: "edited")
+    PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache)).setup()
+    assert len(stores(cache)) == 4
 
 
 def test_a_half_written_store_is_never_read(tokenizer, tmp_path, monkeypatch):

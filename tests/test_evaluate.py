@@ -37,6 +37,10 @@ def test_the_length_controlled_win_rate_says_when_it_cannot_be_fitted():
     delta = torch.arange(12.0) - 6  # longer always wins: length separates the outcomes
     rate, how = length_controlled_win_rate((delta > 0).double(), delta)
     assert rate is None and "separates" in how
+    # always shorter, the longer of them winning more: no pair at equal length or beyond, no intercept to trust
+    delta = -torch.arange(20.0, 32.0)
+    rate, how = length_controlled_win_rate(torch.tensor([1.0, 0.0, 0.5] * 4), delta)
+    assert rate is None and "every candidate answer is shorter" in how
 
 
 def test_the_win_rate_interval_is_a_seeded_bootstrap():
@@ -110,7 +114,7 @@ def test_the_command_writes_table_jsonl_and_picture(tiny_dir, prompts, tmp_path)
         [
             "evaluate",
             "--candidates",
-            json.dumps([tiny_dir]),
+            json.dumps([f"tiny={tiny_dir}"]),
             "--prompts",
             prompts,
             "--baseline",
@@ -123,6 +127,7 @@ def test_the_command_writes_table_jsonl_and_picture(tiny_dir, prompts, tmp_path)
     )
     table = (out / "results.md").read_text()
     assert "| win rate [95% CI] |" in table and "Baseline: reference." in table and "prompts/s" in table
+    assert "\n| tiny | 12 |" in table  # named NAME=SOURCE
     assert len((out / "per_prompt.jsonl").read_text().splitlines()) == 12
     assert (out / "win_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((out / "results.json").read_text())["results"][0]

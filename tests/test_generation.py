@@ -61,11 +61,20 @@ def test_fixed_lengths_and_the_length_flag(model, tokenizer):
 def test_top_p_draws_from_the_nucleus_only():
     """Probabilities 0.5, 0.3, 0.2: top_p 0.6 keeps the first two (0.5 alone is short of 0.6), top_p 0.4 the first."""
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(300, 1)
-    for top_p, allowed in ((0.6, {0, 1}), (0.4, {0})):
+    for top_p, allowed in ((0.6, {0, 1}), (0.4, {0}), (1.0, {0, 1, 2})):
         drawn = SeededSampler(list(range(300)), 1.0, top_p)(torch.zeros(300, 1), scores).argmax(-1)
         assert set(drawn.tolist()) == allowed
-    drawn = SeededSampler(list(range(300)), 1.0, 1.0)(torch.zeros(300, 1), scores).argmax(-1)
-    assert set(drawn.tolist()) == {0, 1, 2} and abs((drawn == 0).float().mean().item() - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_draws_follow_the_tempered_distribution(temperature):
+    """4000 rows, each its own generator: every token's share within 4 standard deviations of its probability."""
+    rows, logits = 4000, torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))
+    drawn = SeededSampler(list(range(rows)), temperature, 1.0)(torch.zeros(rows, 1), logits.repeat(rows, 1)).argmax(-1)
+    expected = torch.softmax(logits / temperature, -1)
+    shares = torch.bincount(drawn, minlength=4) / rows
+    assert (shares - expected).abs().max() <= 4 * (expected * (1 - expected) / rows).sqrt().max()
+    assert shares[3] == 0
 
 
 def test_at_least_one_sample(model, tokenizer):

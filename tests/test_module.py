@@ -65,7 +65,7 @@ def test_validation_metrics_average_the_whole_set(tiny_dir):
         assert_rounding_close(result[f"val/{key}"], expected, reduction=7, what=key)
     loader = torch.utils.data.DataLoader(data.splits["val"], batch_size=3, collate_fn=collate)
     held_out = reward_metrics(module, loader, module.device)
-    for key in ("rewards/accuracies", "rewards/margins"):
+    for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert_rounding_close(result[f"val/{key}"], held_out[key], reduction=7, what=key)
 
 

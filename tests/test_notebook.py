@@ -15,3 +15,5 @@ def test_quickstart_notebook_runs_and_plots(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs), "the plot cell shows a figure"
     (png,) = tmp_path.glob("runs/tiny/version_*/rewards.png")
     assert png.stat().st_size > 10_000
+    shown = [o for o in notebook.cells[-1].outputs if "image/png" in o.get("data", {})]
+    assert shown and "diagnostics/margin_length_correlation" in str(notebook.cells[-1].outputs)

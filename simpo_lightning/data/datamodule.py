@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator
 from simpo_lightning.data.encoding import Columns, Format, PairEncoder, Truncation, tokenizer_fingerprint
 from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Source
-from simpo_lightning.data.store import ENCODER_VERSION, cached_store, load_store, store_report
+from simpo_lightning.data.store import cached_store, encoder_fingerprint, load_store, store_report
 
 log = logging.getLogger(__name__)
 # GlobalBatchSampler makes mid-epoch resumption exact (it skips the trained batches, see
@@ -146,7 +146,7 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError("PreferenceDataModule needs a tokenizer (the command links it from the model)")
         opened = Source(source)
         settings = (opened.identity, hp.format, self.columns, self.truncation, tokenizer_fingerprint(self.tokenizer))
-        key = _hash(*settings, ENCODER_VERSION)
+        key = _hash(*settings, encoder_fingerprint())
         if hp.cache_dir is None:
             self._scratch = self._scratch or tempfile.TemporaryDirectory(prefix="simpo-lightning-data-")
             cache_dir, build = Path(self._scratch.name), True

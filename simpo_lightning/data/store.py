@@ -2,17 +2,21 @@
 every process that reads them.
 
 A store is a folder ``data-<key>`` in the cache, the key hashing the source's content, the encoding
-settings, the tokenizer and ``ENCODER_VERSION``. It holds one Arrow stream file per part of the source
+settings, the tokenizer and ``encoder_fingerprint()`` (the source code that reads, encodes and stores
+rows, so a change to it never reads a store the old code wrote). It holds one Arrow stream file per part of the source
 (``part-00000.arrow``, …, written by that many processes) and ``report.json`` (the rows seen and kept,
 the skips with their row numbers). It is built under a lock in a temporary folder that is renamed into
 place when complete (``cache.build_once``), so a half-written store is never read. Token ids are int32
 lists, ``length`` the tokens of the row (what length grouping sorts by).
 """
 
+import hashlib
+import inspect
 import json
 import logging
 import multiprocessing
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +29,15 @@ from simpo_lightning.data.sources import Source
 
 log = logging.getLogger(__name__)
 
-ENCODER_VERSION = 3  # bump when PairEncoder or the stored columns change
+
+def encoder_fingerprint() -> str:
+    """A hash of the code that turns a source's rows into stored pairs (reading, encoding, storing)."""
+    from simpo_lightning.data import encoding, sources
+
+    code = "".join(inspect.getsource(module) for module in (encoding, sources, sys.modules[__name__]))
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
+
+
 BATCH_ROWS = 1000  # rows per Arrow record batch
 TOKENS = pa.list_(pa.int32())
 PAIRED = pa.schema(
