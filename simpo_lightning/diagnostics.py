@@ -14,7 +14,8 @@ Two warnings, each logged once (and optionally stopping the run):
   a lower learning rate or a smaller β are the usual remedies.
 - **collapse**: both sides' mean log-prob per token within ``collapse_tolerance`` of -log V (the uniform
   distribution over the vocabulary), or no validation pair whose chosen and rejected log-probs differ:
-  the model no longer tells responses apart, whatever the loss says.
+  the model no longer tells responses apart, whatever the loss says. Not checked before the first
+  optimizer step, nor for a randomly initialised policy (``random_init``), which starts uniform.
 """
 
 import logging
@@ -135,6 +136,8 @@ class PreferenceDiagnostics(L.Callback):
                 f"{self.patience + 1} validations ({falls}) while the reward margin rose ({rises}): the policy "
                 "lowers the chosen responses too; consider loss.sft_weight, a lower learning rate or a smaller beta",
             )
+        if trainer.global_step == 0 or getattr(getattr(module, "policy", None), "random_init", False):
+            return  # a random model starts uniform: collapse is something training does
         vocab = module.model.config.vocab_size if hasattr(module.model, "config") else len(module.tokenizer)
         why = collapse(pairs["logps/chosen"], pairs["logps/rejected"], vocab, self.collapse_tolerance)
         if why is not None:

@@ -86,3 +86,15 @@ def test_a_healthy_run_logs_diagnostics_over_every_validation_pair(tiny_dir, tmp
         sum(d > 0 for d in difference) / len(difference)
     )
     assert (tmp_path / "run/version_0/margin_vs_length.png").stat().st_size > 1000
+
+
+def test_a_displacement_curve_warns_through_the_callback(tiny_dir, caplog):
+    """Two earlier validations restored from a checkpoint's callback state (chosen log-probs above any real
+    one, margins below), then a real validation: the chosen log-prob fell and the margin rose twice in a row."""
+    module = tiny_module(tiny_dir)
+    diagnostics = PreferenceDiagnostics(scatter=False)
+    diagnostics.load_state_dict({"history": [(10.0, -1e9), (5.0, -1e8)], "warned": {}})
+    with caplog.at_level(logging.WARNING, logger="simpo_lightning.diagnostics"):
+        trainer(limit_val_batches=None, callbacks=[diagnostics]).validate(module, demo_data(module))
+    assert "likelihood displacement" in diagnostics.warned["displacement"] and "collapse" not in diagnostics.warned
+    assert caplog.text.count("likelihood displacement") == 1 and len(diagnostics.history) == 3
