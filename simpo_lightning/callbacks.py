@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from simpo_lightning.demo import exact_match
-from simpo_lightning.generation import left_padded
+from simpo_lightning.generation import SamplingConfig, greedy_answers
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +32,6 @@ def reward_metrics(module: L.LightningModule, loader, device: torch.device) -> d
     return {key: value / total for key, value in sums.items()}
 
 
-@torch.no_grad()
-def greedy_answers(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device
-) -> list[str]:
-    """Greedy completions of tokenised prompts (left-padded in batches)."""
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids, mask = left_padded(chunk, tokenizer.pad_token_id, device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return answers
-
-
 class HeldOutReport(L.Callback):
     """Measures held-out reward accuracy and, where the data carry reference answers, exact match
     of greedy answers, once before training and once after; logs ``heldout/{before,after}/…`` and
@@ -65,7 +44,8 @@ class HeldOutReport(L.Callback):
     """
 
     def __init__(self, max_new_tokens: int = 16, batch_size: int = 16, examples_shown: int = 5):
-        self.max_new_tokens, self.batch_size, self.examples_shown = max_new_tokens, batch_size, examples_shown
+        self.sampling = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        self.examples_shown = examples_shown
         self.results: dict[str, dict[str, float]] = {}
         self.samples: list[tuple[str, str, str]] = []  # (end of prompt, answer, reference) after the last measure
 
@@ -77,10 +57,7 @@ class HeldOutReport(L.Callback):
             result = reward_metrics(module, data.val_dataloader(), module.device)
             examples = data.generation_examples("val") if getattr(module, "generative", True) else []
             if examples:
-                prompts = [p for p, _ in examples]
-                answers = greedy_answers(
-                    module.model, module.tokenizer, prompts, self.max_new_tokens, self.batch_size, module.device
-                )
+                answers = greedy_answers(module.model, module.tokenizer, [p for p, _ in examples], self.sampling)
                 result["exact_match"] = sum(exact_match(a, r) for a, (_, r) in zip(answers, examples)) / len(examples)
                 self.samples = [
                     (module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r)

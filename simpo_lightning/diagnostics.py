@@ -118,14 +118,15 @@ class PreferenceDiagnostics(L.Callback):
     def on_validation_epoch_end(self, trainer, module) -> None:
         if trainer.sanity_checking or not self.pairs or not self.pairs["rewards/margins"]:
             return
-        pairs = _gathered({key: torch.cat(values) for key, values in self.pairs.items()})
-        self.last = pairs
-        if not getattr(getattr(module, "method", None), "average", True):  # summed log-probs: per token for the checks
-            for side in ("chosen", "rejected"):
-                pairs[f"logps/{side}"] = pairs[f"logps/{side}"] / pairs[f"lengths/{side}"].clamp(min=1)
+        pairs = self.last = _gathered({key: torch.cat(values) for key, values in self.pairs.items()})
+        summed = not getattr(getattr(module, "method", None), "average", True)  # per token for the checks
+        per_token = {
+            side: pairs[f"logps/{side}"] / (pairs[f"lengths/{side}"].clamp(min=1) if summed else 1)
+            for side in ("chosen", "rejected")
+        }
         values = length_diagnostics(pairs["rewards/margins"], pairs["lengths/chosen"], pairs["lengths/rejected"])
         module.log_dict({f"diagnostics/{k}": v for k, v in values.items() if not math.isnan(v)})
-        self.history.append((pairs["logps/chosen"].mean().item(), pairs["rewards/margins"].mean().item()))
+        self.history.append((per_token["chosen"].mean().item(), pairs["rewards/margins"].mean().item()))
         if displaced(self.history, self.patience):
             falls = " -> ".join(f"{c:.3f}" for c, _ in self.history[-self.patience - 1 :])
             rises = " -> ".join(f"{m:.3f}" for _, m in self.history[-self.patience - 1 :])
@@ -139,7 +140,7 @@ class PreferenceDiagnostics(L.Callback):
         if trainer.global_step == 0 or getattr(getattr(module, "policy", None), "random_init", False):
             return  # a random model starts uniform: collapse is something training does
         vocab = module.model.config.vocab_size if hasattr(module.model, "config") else len(module.tokenizer)
-        why = collapse(pairs["logps/chosen"], pairs["logps/rejected"], vocab, self.collapse_tolerance)
+        why = collapse(per_token["chosen"], per_token["rejected"], vocab, self.collapse_tolerance)
         if why is not None:
             self._warn(trainer, "collapse", f"collapse: {why}; lower the learning rate or restart from a checkpoint")
 

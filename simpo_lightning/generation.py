@@ -113,7 +113,7 @@ def sample_responses(
     for first in range(0, len(order), per_batch):
         chunk = order[first : first + per_batch]
         batch = [(p, k) for p in chunk for k in range(config.n)]
-        ids, mask = left_padded([prompts[p] for p in chunk], tokenizer.pad_token_id, _device(model))
+        ids, mask = _left_padded([prompts[p] for p in chunk], tokenizer.pad_token_id, _device(model))
         cache = _prompt_cache(model, ids, mask, config.n)
         ids, mask = ids.repeat_interleave(config.n, 0), mask.repeat_interleave(config.n, 0)
         processors = LogitsProcessorList()
@@ -154,6 +154,15 @@ def sample_responses(
     return out
 
 
+def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], config: SamplingConfig) -> list[str]:
+    """The decoded greedy answer to each tokenised prompt (``config``: its lengths and batch size)."""
+    config = SamplingConfig(**{**vars(config), "n": 1, "temperature": 0.0})
+    return [
+        tokenizer.decode(s.tokens, skip_special_tokens=True)
+        for (s,) in sample_responses(model, tokenizer, prompts, config)
+    ]
+
+
 def _prompt_cache(model: nn.Module, ids: Tensor, mask: Tensor, n: int):
     """The KV cache of the prompts but their last token, computed once per prompt and repeated for its ``n``
     samples (``generate`` would compute it once per sample); positions as ``generate`` gives them."""
@@ -175,7 +184,7 @@ def _sharded_root(model: nn.Module):
     return model if isinstance(model, FSDPModule) else None
 
 
-def left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[Tensor, Tensor]:
+def _left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[Tensor, Tensor]:
     """Token ids and attention mask of prompts padded on the left to the longest, on ``device``."""
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)

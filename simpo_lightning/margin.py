@@ -155,16 +155,17 @@ def set_auto_margin(module, pairs: int | None) -> None:
         raise ValueError("gamma_beta_ratio auto needs a PreferenceDataModule with training data (it scores its pairs)")
     hp = datamodule.hparams
     collate = PreferenceCollator(module.tokenizer.pad_token_id, hp.shared_prompt)
-    gaps = sample_gaps(
-        module.model,
-        datamodule.splits["train"],
-        collate,
-        pairs or 256,
-        hp.seed,
-        hp.batch_size,
-        module.chunk,
-        module.device,
-    )
+    with trainer.precision_plugin.forward_context():  # as the training steps will score
+        gaps = sample_gaps(
+            module.model,
+            datamodule.splits["train"],
+            collate,
+            pairs or 256,
+            hp.seed,
+            hp.batch_size,
+            module.chunk,
+            module.device,
+        )
     summary = margin.set_auto(gaps)
     for logger in module.loggers:
         logger.log_metrics({f"margin/auto/{k}": v for k, v in summary.items()}, step=0)

@@ -55,23 +55,16 @@ class GenerationMonitor(L.Callback):
         if self.source is not None:
             rows = read_prompts(self.source, module.tokenizer)[: self.max_prompts]
             return [(r.tokens, r.prompt, r.reference) for r in rows]
-        split = trainer.datamodule.splits["val"]
-        seen: dict[tuple, str | None] = {}
-        for prompt, reference in zip(split["prompt"], split["reference"]):
-            seen.setdefault(tuple(prompt), reference)
-        items = list(seen.items())[: self.max_prompts]
+        items = trainer.datamodule.generation_examples("val", with_reference=False)[: self.max_prompts]
         return [(list(p), module.tokenizer.decode(p, skip_special_tokens=True), r) for p, r in items]
 
     def answers(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, dict]:
         prompts = self._prompts(trainer, module)
         synced = trainer.world_size > 1 and module.device_mesh is not None
-        was_cache = module.model.config.use_cache
-        module.model.config.use_cache = True
         with trainer.precision_plugin.forward_context():
             samples = sample_responses(
                 module.model, module.tokenizer, [p for p, _, _ in prompts], self.sampling, synced_gpus=synced
             )
-        module.model.config.use_cache = was_cache
         return {
             str(i): {
                 "prompt": prompt,

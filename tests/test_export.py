@@ -57,7 +57,7 @@ def test_export_of_the_gguf_default_model_generates_the_trained_text(tmp_path):
     """SmolLM2 from its GGUF wheel, which transformers marks as quantized and would refuse to save as is."""
     from transformers import AutoModelForCausalLM
 
-    from simpo_lightning.callbacks import greedy_answers
+    from simpo_lightning.generation import SamplingConfig, greedy_answers
 
     run = ["--trainer.logger", csv_logger(tmp_path), "--trainer.callbacks", json.dumps([EVERY_STEP_CHECKPOINT])]
     short = [
@@ -76,10 +76,9 @@ def test_export_of_the_gguf_default_model_generates_the_trained_text(tmp_path):
     main(["export", "--ckpt_path", checkpoint, "--output_dir", str(tmp_path / "out")])
     prompts = [p for p, _ in cli.datamodule.generation_examples()[:4]]
     tokenizer = cli.model.tokenizer
-    trained = greedy_answers(cli.model.model.eval(), tokenizer, prompts, max_new_tokens=12, batch_size=4, device="cpu")
-    exported = greedy_answers(
-        AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), tokenizer, prompts, 12, 4, "cpu"
-    )
+    greedy = SamplingConfig(max_new_tokens=12, batch_size=4)
+    trained = greedy_answers(cli.model.model, tokenizer, prompts, greedy)
+    exported = greedy_answers(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), tokenizer, prompts, greedy)
     assert exported == trained and any(trained)
 
 

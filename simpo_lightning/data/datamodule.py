@@ -209,14 +209,17 @@ class PreferenceDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
-    def generation_examples(self, split: str = "val") -> list[tuple[list[int], str]]:
-        """Distinct ``(prompt_ids, reference)`` of a split, for rows that carry a reference answer."""
+    def generation_examples(
+        self, split: str = "val", with_reference: bool = True
+    ) -> list[tuple[list[int], str | None]]:
+        """Distinct ``(prompt_ids, reference)`` of a split in order, each with the first reference answer its
+        rows carry; ``with_reference``: only the prompts that have one."""
         rows = self.splits[split]
-        seen = {}
+        seen: dict[tuple, str | None] = {}
         for prompt, reference in zip(rows["prompt"], rows["reference"]):
-            if reference is not None:
-                seen.setdefault(tuple(prompt), reference)
-        return [(list(p), r) for p, r in seen.items()]
+            if seen.get(tuple(prompt)) is None:
+                seen[tuple(prompt)] = reference
+        return [(list(p), r) for p, r in seen.items() if r is not None or not with_reference]
 
 
 def _hash(*parts: object) -> str:
