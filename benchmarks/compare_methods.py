@@ -3,16 +3,25 @@ this machine (so the timings share its load).
 
     python benchmarks/compare_methods.py                      # the quickstart settings, ~30 minutes on 2 CPU cores
     python benchmarks/compare_methods.py --methods simpo dpo -- --trainer.max_steps 10
+    python benchmarks/compare_methods.py --notes --budget 4   # the design notes' comparison, 4 minutes each
 
 Each method runs ``simpo-lightning fit --config configs/<method>.yaml`` (the SimPO one is
-``configs/quickstart.yaml``) in its own process with a CSV logger, plus any arguments after ``--``.
-Prints held-out reward accuracy and exact match before and after training, the median step time
-(first step excluded) and the process's peak resident memory; ratios are against SimPO's run.
+``configs/quickstart.yaml``; the online ones ``configs/<method>-demo.yaml``) in its own process with a CSV
+logger, plus any arguments after ``--``; ``simpo-rounds`` runs ``simpo-lightning rounds --config
+configs/onpolicy-demo.yaml`` (its two rounds as configured, not cut to the budget). ``--budget MINUTES``
+gives every fit the same wall-clock budget (``trainer.max_time``, no step limit, constant learning rate
+without warm-up, since a schedule over an unknown number of steps would stay in warm-up). ``--notes``
+selects the methods the design notes compare: SimPO offline and on-policy, DPO, IPO, KTO, ORPO, PPO, GRPO
+and RLOO. Prints held-out reward accuracy and exact match before and after training, the median step time
+(first step excluded), the steps done, the training signal over the first and last tenth of the steps
+(offline: the batch reward accuracy; online: the judge's mean reward), the process's peak resident memory,
+wall time and the models each method holds; ratios are against SimPO's run.
 """
 
 import argparse
 import csv
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -22,13 +31,44 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simpo", "dpo", "ipo", "cpo", "orpo", "kto", "alphapo", "simper", "lndpo", "rdpo"]
+ONLINE = ["grpo", "rloo", "ppo"]
+NOTES = ["simpo", "simpo-rounds", "dpo", "ipo", "kto", "orpo", "ppo", "grpo", "rloo"]
+# What each method holds while training, with LoRA (the reference is the policy with its adapters off, so
+# it costs no weights of its own; the demo's judge is a rule, no model).
+MODELS = {m: "policy" for m in METHODS} | {m: "policy, reference (adapters off)" for m in ("dpo", "ipo", "kto")}
+MODELS |= {m: "policy, reference (adapters off)" for m in ("lndpo", "rdpo")}
+MODELS |= {
+    "simpo-rounds": "policy; judge between rounds",
+    "grpo": "policy, judge (β 0: no reference)",
+    "rloo": "policy, reference (adapters off), judge",
+    "ppo": "policy, reference (adapters off), value model (2nd backbone), judge",
+}
+
+
+def config_of(method: str) -> Path:
+    name = "quickstart" if method == "simpo" else f"{method}-demo" if method in ONLINE else method
+    return ROOT / "configs" / f"{name}.yaml"
+
+
+def measured(command: list[str], log_path: Path, cwd: Path) -> int:
+    """Runs ``command`` with its output in ``log_path``; returns its peak RSS in KiB. A fresh wrapper process
+    per command, so RUSAGE_CHILDREN's peak covers this run alone."""
+    wrapper = (
+        "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)"
+    )
+    with log_path.open("w") as log:
+        code = subprocess.call([sys.executable, "-c", wrapper, *command], stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    if code != 0:
+        raise SystemExit(f"{log_path.stem} failed; see {log_path}")
+    return next(int(line.split()[1]) for line in log_path.read_text().splitlines() if line.startswith("PEAK_RSS_KB"))
 
 
 def run(method: str, extra: list[str], workdir: Path, config: Path | None = None) -> dict[str, float]:
     """One ``fit`` of ``configs/<method>.yaml`` (or ``config``) in its own process, logged under
     ``workdir/<method>``: wall time, peak RSS, median step time, held-out metrics before and after, and
     ``last``: the last logged value of every metric."""
-    config = config or ROOT / "configs" / ("quickstart.yaml" if method == "simpo" else f"{method}.yaml")
+    config = config or config_of(method)
     logger = json.dumps(
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(workdir), "name": method}}
     )
@@ -45,26 +85,22 @@ def run(method: str, extra: list[str], workdir: Path, config: Path | None = None
         "1",
         *extra,
     ]
-    # A fresh wrapper process per method, so RUSAGE_CHILDREN's peak covers this run alone.
-    wrapper = (
-        "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)"
-    )
     start = time.perf_counter()
-    log_path = workdir / f"{method}.log"
-    with log_path.open("w") as log:
-        code = subprocess.call(
-            [sys.executable, "-c", wrapper, *command], stdout=log, stderr=subprocess.STDOUT, cwd=workdir
-        )
-    if code != 0:
-        raise SystemExit(f"{method} failed; see {log_path}")
-    peak_kb = next(int(line.split()[1]) for line in log_path.read_text().splitlines() if line.startswith("PEAK_RSS_KB"))
+    peak_kb = measured(command, workdir / f"{method}.log", workdir)
     rows = list(csv.DictReader(next((workdir / method).glob("version_*/metrics.csv")).open()))
     values = lambda key: [float(r[key]) for r in rows if r.get(key)]  # noqa: E731
+    online = bool(values("train/reward"))
+    steps = values("train/step_seconds") or [
+        a + b for a, b in zip(values("train/rollout_seconds"), values("train/update_seconds"))
+    ]
+    signal = values("train/reward" if online else "train/rewards/accuracies")
+    tenth = max(1, len(signal) // 10)
     result = {
         "wall_min": (time.perf_counter() - start) / 60,
         "peak_gb": peak_kb / 2**20,
-        "step_s": statistics.median(values("train/step_seconds")[1:]),
+        "step_s": statistics.median(steps[1:] or steps),
+        "steps": max(int(r["step"]) for r in rows if r.get("step")) + 1,
+        "signal": (statistics.mean(signal[:tenth]), statistics.mean(signal[-tenth:])) if signal else (math.nan,) * 2,
     }
     for when in ("before", "after"):
         for metric in ("rewards/accuracies", "exact_match"):
@@ -74,9 +110,35 @@ def run(method: str, extra: list[str], workdir: Path, config: Path | None = None
     return result
 
 
+def run_rounds(workdir: Path) -> dict:
+    """``rounds --config configs/onpolicy-demo.yaml`` in its own process: held-out metrics before the first
+    round and after the last, wall time and peak RSS."""
+    command = [
+        sys.executable,
+        "-m",
+        "simpo_lightning.cli",
+        "rounds",
+        "--config",
+        str(ROOT / "configs/onpolicy-demo.yaml"),
+    ]
+    command += ["--run_dir", str(workdir / "rounds")]
+    start = time.perf_counter()
+    peak_kb = measured(command, workdir / "simpo-rounds.log", ROOT)
+    fits = sorted((workdir / "rounds").glob("*/round-*/fit.json"))
+    first, last = json.loads(fits[0].read_text()), json.loads(fits[-1].read_text())
+    result = {"wall_min": (time.perf_counter() - start) / 60, "peak_gb": peak_kb / 2**20, "step_s": float("nan")}
+    result |= {"steps": len(fits), "signal": (float("nan"), float("nan")), "last": {}}
+    for when, source in (("before", first), ("after", last)):
+        for metric in ("rewards/accuracies", "exact_match"):
+            result[f"{when}/{metric}"] = source.get(when, {}).get(metric, float("nan"))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + ONLINE + ["simpo-rounds"])
+    parser.add_argument("--notes", action="store_true", help="the design notes' methods: " + " ".join(NOTES))
+    parser.add_argument("--budget", type=float, default=None, help="wall-clock minutes per fit (trainer.max_time)")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where logs and checkpoints go (default: a temp dir)"
     )
@@ -85,22 +147,33 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="compare-methods-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {workdir}; extra arguments: {extra or 'none'}", flush=True)
+    methods = NOTES if args.notes else args.methods
+    budget = []
+    if args.budget is not None:
+        seconds = round(args.budget * 60)
+        budget = ["--trainer.max_time", f"00:00:{seconds // 60:02d}:{seconds % 60:02d}", "--trainer.max_steps", "-1"]
     results = {}
-    for method in args.methods:
-        results[method] = run(method, extra, workdir)
+    for method in methods:
+        if method == "simpo-rounds":
+            results[method] = run_rounds(workdir)
+        else:
+            schedule = ["--model.warmup_ratio", "0.0", "--model.lr_schedule", "constant"] if budget else []
+            results[method] = run(method, [*budget, *(schedule if method not in ONLINE else []), *extra], workdir)
         print(f"{method}: { {k: v for k, v in results[method].items() if k != 'last'} }", flush=True)
     base = results.get("simpo")
     header = (
-        f"| method | reward acc. before → after | exact match before → after | step s (median) | "
-        f"peak RSS GB | {'step ×SimPO | RSS ×SimPO | ' if base else ''}wall min |"
+        f"| method | reward acc. before → after | exact match before → after | steps | step s (median) | "
+        f"train signal first → last tenth | peak RSS GB | {'step ×SimPO | RSS ×SimPO | ' if base else ''}"
+        "wall min | models held |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method, r in results.items():
         ratios = f"{r['step_s'] / base['step_s']:.2f} | {r['peak_gb'] / base['peak_gb']:.2f} | " if base else ""
         lines.append(
             f"| {method} | {r['before/rewards/accuracies']:.3f} → {r['after/rewards/accuracies']:.3f} | "
-            f"{r['before/exact_match']:.3f} → {r['after/exact_match']:.3f} | {r['step_s']:.2f} | {r['peak_gb']:.2f} | "
-            f"{ratios}{r['wall_min']:.1f} |"
+            f"{r['before/exact_match']:.3f} → {r['after/exact_match']:.3f} | {r['steps']} | {r['step_s']:.2f} | "
+            f"{r['signal'][0]:.3f} → {r['signal'][1]:.3f} | {r['peak_gb']:.2f} | {ratios}{r['wall_min']:.1f} | "
+            f"{MODELS[method]} |"
         )
     print("\n".join(lines))
 

@@ -35,7 +35,8 @@ def reward_metrics(module: L.LightningModule, loader, device: torch.device) -> d
 class HeldOutReport(L.Callback):
     """Measures held-out reward accuracy and, where the data carry reference answers, exact match
     of greedy answers, once before training and once after; logs ``heldout/{before,after}/…`` and
-    prints a table.
+    prints a table. For a module with a judge (online methods) and data with ``val_prompts``, also the
+    judge's mean score of greedy answers to the held-out prompts (``judge_score``).
 
     Args:
         max_new_tokens: generation budget per answer.
@@ -63,6 +64,11 @@ class HeldOutReport(L.Callback):
                     (module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r)
                     for (p, r), a in zip(examples, answers)
                 ]
+            judge, rows = getattr(module, "judge", None), getattr(data, "val_prompts", None)
+            if judge is not None and rows:  # online methods: what they optimise, on held-out prompts
+                answers = greedy_answers(module.model, module.tokenizer, [r.tokens for r in rows], self.sampling)
+                scores = judge([r.prompt for r in rows], answers, [r.reference for r in rows])
+                result["judge_score"] = sum(scores) / len(scores)
         module.train(was_training)
         self.results[when] = result
         for logger in trainer.loggers:

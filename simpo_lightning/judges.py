@@ -37,16 +37,21 @@ class Judge:
         raise NotImplementedError
 
     def __call__(
-        self, prompts: list[Prompt], responses: list[str], references: list[str | None] | None = None
+        self,
+        prompts: list[Prompt],
+        responses: list[str],
+        references: list[str | None] | None = None,
+        finite: bool = True,
     ) -> list[float]:
-        """``score``, checked: as many finite numbers as responses."""
+        """``score``, checked: as many numbers as responses, all finite (``finite`` false: non-finite ones are
+        returned for the caller to handle, as online training skips such a step)."""
         references = references if references is not None else [None] * len(responses)
         scores = [float(s) for s in self.score(prompts, responses, references)]
         name = type(self).__name__
         if len(scores) != len(responses):
             raise UserError(f"judge {name} returned {len(scores)} scores for {len(responses)} responses")
         bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
-        if bad:
+        if bad and finite:
             raise UserError(
                 f"judge {name} returned a non-finite score ({scores[bad[0]]}) for response {bad[0]} "
                 f"and {len(bad) - 1} more; a reward model in float16 can overflow: load it in float32"
@@ -56,13 +61,27 @@ class Judge:
 
 class RuleJudge(Judge):
     """The demo's rule, against each prompt's reference answer: 1 for exactly the answer, 0.5 for a response
-    that contains it among other words (correct but verbose), 0 otherwise."""
+    that contains it among other words (correct but verbose), 0 otherwise.
+
+    Args:
+        length_penalty: divide the verbose score by 1 + length_penalty · (words - 1), so that among correct
+            answers a shorter one scores higher (0: every verbose answer 0.5). Online methods learn from the
+            differences within a group; a policy that only ever answers in sentences gets none from the plain
+            rule, and this shaping gives it a path towards the one-word answer.
+    """
+
+    def __init__(self, length_penalty: float = 0.0):
+        self.length_penalty = length_penalty
 
     def score(self, prompts: list[Prompt], responses: list[str], references: list[str | None]) -> list[float]:
         if any(r is None for r in references):
             raise UserError("RuleJudge needs a reference answer for every prompt (the data's reference column)")
         return [
-            1.0 if demo.exact_match(text, ref) else 0.5 if _contains(text, ref) else 0.0
+            1.0
+            if demo.exact_match(text, ref)
+            else 0.5 / (1 + self.length_penalty * (len(text.split()) - 1))
+            if _contains(text, ref)
+            else 0.0
             for text, ref in zip(responses, references)
         ]
 

@@ -10,73 +10,20 @@ Files are JSONL, one prompt a line, and every step resumes: ``generate`` skips t
 already holds (a truncated last line is dropped and redone), ``rounds`` skips every finished stage.
 """
 
-import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from simpo_lightning.data.encoding import Columns, encode_prompt, split_hh
-from simpo_lightning.data.sources import DataError, Skip, Source
+from simpo_lightning.data.encoding import Columns
+from simpo_lightning.data.prompts import read_prompts
+from simpo_lightning.data.sources import DataError
 from simpo_lightning.errors import UserError
 from simpo_lightning.generation import SamplingConfig, sample_responses
 from simpo_lightning.judges import Judge
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PromptRow:
-    """A prompt to sample from: as the source gives it (text or messages), its reference answer, its tokens."""
-
-    row: int
-    prompt: str | list[dict[str, str]]
-    reference: str | None
-    tokens: list[int]
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(repr(self.tokens).encode()).hexdigest()[:16]
-
-
-def read_prompts(
-    source: str, tokenizer, columns: Columns = Columns(), max_prompt_length: int = 1024
-) -> list[PromptRow]:
-    """The distinct prompts of a source (a preference file, a prompt file, ``demo``), in its order. Rows
-    without a usable prompt, and prompts longer than ``max_prompt_length`` tokens, are skipped and counted."""
-    prompts, seen, skipped = [], set(), Counter()
-    for number, row in Source(source).rows():
-        prompt = _prompt_of(row, columns) if isinstance(row, dict) else None
-        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-            skipped["missing or empty prompt"] += 1
-            continue
-        if not isinstance(prompt, (str, list)):
-            raise DataError(f"{source} row {number}: column {columns.prompt!r} must be text or messages")
-        tokens = encode_prompt(tokenizer, prompt)
-        if len(tokens) > max_prompt_length:
-            skipped[f"prompt over {max_prompt_length} tokens"] += 1
-            continue
-        reference = row.get(columns.reference)
-        item = PromptRow(number, prompt, reference if isinstance(reference, str) else None, tokens)
-        if item.key not in seen:
-            seen.add(item.key)
-            prompts.append(item)
-    for reason, count in skipped.items():
-        log.warning("%s: skipped %d rows: %s", source, count, reason)
-    if not prompts:
-        raise DataError(f"{source}: no usable prompts ({dict(skipped)})")
-    return prompts
-
-
-def _prompt_of(row: dict, columns: Columns) -> str | list | None:
-    """A row's prompt column, or for an HH-RLHF row (two whole dialogues) the dialogue they share."""
-    if columns.prompt in row or not all(isinstance(row.get(c), str) for c in (columns.chosen, columns.rejected)):
-        return row.get(columns.prompt)
-    try:
-        return split_hh(row[columns.chosen], row[columns.rejected])[0]
-    except Skip:
-        return None
 
 
 def read_jsonl(path: Path) -> list[dict]:

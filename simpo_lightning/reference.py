@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from simpo_lightning.scoring import Scores
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,18 +60,22 @@ class Reference:
         """The frozen copy, or None (LoRA, or freed after precomputing)."""
         return self._frozen[0] if self._frozen else None
 
-    @torch.no_grad()
     def sum_logps(self, policy: nn.Module, score: Callable[[nn.Module], Scores]) -> Tensor:
         """``score(model).sum_logps`` under the reference model."""
+        return self.apply(policy, score).sum_logps
+
+    @torch.no_grad()
+    def apply(self, policy: nn.Module, function: Callable[[nn.Module], T]) -> T:
+        """``function(model)`` with the reference model, without gradients."""
         if self.lora:
             with policy.disable_adapter():
-                return score(policy).sum_logps
+                return function(policy)
         if not self._frozen:
             raise RuntimeError("the reference model was freed after precomputing; the batch lacks ref_*_logps")
         # dtype None: the policy's, also after the Trainer's precision converted it (64-true, bf16-true)
         device = next(policy.parameters()).device
         dtype = getattr(torch, self.config.dtype) if self.config.dtype else next(policy.parameters()).dtype
-        return score(self._frozen[0].to(device, dtype)).sum_logps
+        return function(self._frozen[0].to(device, dtype))
 
     @torch.no_grad()
     def precompute(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from simpo_lightning.batch import PackedPairs, PairBatch, Sequences
+from simpo_lightning.batch import PackedPairs, PairBatch, Sequences, pad_right
 from simpo_lightning.logprobs import IGNORE_INDEX, at_least_float32, label_logps, sequence_logps
 from simpo_lightning.model import decoder_and_head
 
@@ -81,12 +81,7 @@ def score_packed(model: nn.Module, packed: PackedPairs, chunk: int | None) -> Sc
     """Scores of chosen then rejected (``[2B]``) from shared-prompt sequences: rejected tokens attend to the
     prompt and to themselves, never to the chosen tokens, and their position ids continue from the end of
     the prompt, so each response is scored exactly as in its own sequence while the prompt is encoded once."""
-    segments = packed.segments
-    width = segments.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
-    key, query = segments[:, None, :], segments[:, :, None]
-    visible = causal & ((key == 0) | (key == query)) & (key >= 0)
-    visible |= torch.eye(width, dtype=torch.bool, device=segments.device)  # padding rows see themselves, not nothing
+    visible = _shared_prompt_mask(packed.segments)
     logps, mean_logit = _flat_logps(
         model,
         _chunked_head(model, chunk),
@@ -94,10 +89,21 @@ def score_packed(model: nn.Module, packed: PackedPairs, chunk: int | None) -> Sc
         packed.index,
         packed.targets,
         input_ids=packed.input_ids,
-        attention_mask=visible[:, None],
+        attention_mask=visible,
         position_ids=packed.position_ids,
     )
-    return _per_sequence(logps, mean_logit, packed.sequence, 2 * len(segments))
+    return _per_sequence(logps, mean_logit, packed.sequence, 2 * len(packed.segments))
+
+
+def _shared_prompt_mask(segments: Tensor) -> Tensor:
+    """The ``[B, 1, T, T]`` attention mask of shared-prompt sequences (``segments``: 0 prompt, k > 0 the k-th
+    response, -1 padding): causal, and a response sees the prompt and itself only."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    key, query = segments[:, None, :], segments[:, :, None]
+    visible = causal & ((key == 0) | (key == query)) & (key >= 0)
+    visible |= torch.eye(width, dtype=torch.bool, device=segments.device)  # padding rows see themselves, not nothing
+    return visible[:, None]
 
 
 def score_pair_batch(model: nn.Module, batch: PairBatch, chunk: int | None) -> Scores:
@@ -107,6 +113,100 @@ def score_pair_batch(model: nn.Module, batch: PairBatch, chunk: int | None) -> S
         if batch.packed is not None
         else score_sequences(model, batch.both(), chunk)
     )
+
+
+@dataclass
+class PackedCompletions:
+    """Completions after their prompts as model inputs (``pack_completions``).
+
+    Attributes:
+        inputs: ``input_ids``, ``attention_mask`` (``[S, 1, W, W]``) and ``position_ids`` of S sequences.
+        index: ``[M]``, per completion token: ``sequence * W + position`` of the output that predicts it.
+        targets: ``[M]``, the token.
+        rows, cols: ``[M]``, where the token is in the ``[N, T]`` completions.
+        shape: ``(N, T)``.
+    """
+
+    inputs: dict[str, Tensor]
+    index: Tensor
+    targets: Tensor
+    rows: Tensor
+    cols: Tensor
+    shape: tuple[int, int]
+
+    def unflatten(self, values: Tensor) -> Tensor:
+        """Per-token values ``[M]`` as ``[N, T]``, 0 where there is no token."""
+        out = torch.zeros(self.shape, dtype=values.dtype, device=values.device)
+        return out.index_put((self.rows, self.cols), values)
+
+
+def pack_completions(
+    prompts: list[list[int]], completions: Tensor, mask: Tensor, pad_token_id: int, shared_prompt: bool = True
+) -> PackedCompletions:
+    """Right-padded ``completions`` ``[N, T]`` (``mask`` 1 on their tokens) after their prompts, as sequences.
+
+    With ``shared_prompt`` the completions of one prompt (equal token lists) are one sequence ``[prompt, c1,
+    c2, …]`` in which each completion sees the prompt and itself only, with positions continuing from the
+    prompt (as ``score_packed``): the prompt is encoded once per group instead of once per completion. The
+    attention mask is dense, ``[groups, 1, W, W]``; for very long groups, use separate sequences instead."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a completion without a prompt has no position that predicts its first token")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt) if shared_prompt else (i, *prompt), []).append(i)
+    lengths = mask.sum(-1).long().tolist()
+    token_lists = [completions[i, : lengths[i]].tolist() for i in range(len(prompts))]
+    width = max(len(prompts[m[0]]) + sum(lengths[i] for i in m) for m in groups.values())
+    rows, segments, positions, index, targets, where = [], [], [], [], [], ([], [])
+    for r, members in enumerate(groups.values()):
+        prompt = prompts[members[0]]
+        p = len(prompt)
+        row, segment, position = list(prompt), [0] * p, list(range(p))
+        for k, i in enumerate(members, 1):
+            start = len(row)
+            for j, token in enumerate(token_lists[i]):
+                index.append(r * width + (p - 1 if j == 0 else start + j - 1))  # the position that predicts it
+                targets.append(token)
+                where[0].append(i)
+                where[1].append(j)
+            row += token_lists[i]
+            segment += [k] * lengths[i]
+            position += range(p, p + lengths[i])
+        rows.append(row)
+        segments.append(segment)
+        positions.append(position)
+    device = completions.device
+    inputs = {
+        "input_ids": pad_right(rows, pad_token_id, width).to(device),
+        "attention_mask": _shared_prompt_mask(pad_right(segments, -1, width).to(device)),
+        "position_ids": pad_right(positions, 0, width).to(device),
+    }
+
+    def tensor(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return PackedCompletions(
+        inputs, tensor(index), tensor(targets), tensor(where[0]), tensor(where[1]), tuple(mask.shape)
+    )
+
+
+def score_completions(
+    model: nn.Module,
+    prompts: list[list[int]],
+    completions: Tensor,
+    mask: Tensor,
+    pad_token_id: int,
+    chunk: int | None,
+    temperature: float = 1.0,
+    shared_prompt: bool = True,
+) -> Tensor:
+    """Per-token log-probs ``[N, T]`` of right-padded ``completions`` ``[N, T]`` (``mask`` 1 on their tokens)
+    after their prompts (``pack_completions``), with the logits divided by the sampling ``temperature``; 0
+    where ``mask`` is 0."""
+    packed = pack_completions(prompts, completions, mask, pad_token_id, shared_prompt)
+    head = _chunked_head(model, chunk)
+    logps, _ = _flat_logps(model, head, chunk, packed.index, packed.targets, temperature, **packed.inputs)
+    return packed.unflatten(logps)
 
 
 def _chunked_head(model: nn.Module, chunk: int | None) -> tuple[nn.Module, Tensor] | None:
@@ -120,16 +220,20 @@ def _flat_logps(
     chunk: int | None,
     index: Tensor,
     targets: Tensor,
+    temperature: float = 1.0,
     **inputs: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of ``targets`` ``[M]`` predicted at flat positions ``index`` ``[M]`` (row * width + position)
-    of the model's output, and the mean logit there (no gradient). Given ``head`` (decoder, head weight)
-    the logits exist a chunk at a time (``label_logps``), else the model's full logits are computed."""
+    of the model's output with its logits divided by ``temperature``, and the mean logit there (no gradient).
+    Given ``head`` (decoder, head weight) the logits exist a chunk at a time (``label_logps``), else the
+    model's full logits are computed."""
     if head is not None:
         decoder, weight = head
         hidden = decoder(**inputs).last_hidden_state
-        return label_logps(hidden.flatten(0, 1)[index], weight, targets, chunk)
-    logits = at_least_float32(model(**inputs).logits.flatten(0, 1)[index])
+        return label_logps(
+            hidden.flatten(0, 1)[index], weight / temperature if temperature != 1 else weight, targets, chunk
+        )
+    logits = at_least_float32(model(**inputs).logits.flatten(0, 1)[index]) / temperature
     logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     return logps, logits.detach().mean(-1)
 

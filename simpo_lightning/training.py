@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from simpo_lightning.errors import UserError
 from simpo_lightning.model import shard
 from simpo_lightning.optim import OptimizerInBackward
 
@@ -82,14 +83,21 @@ class TrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.hparams.optimizer_in_backward:
+        if self.hparams.get("optimizer_in_backward"):
             self._check_in_backward()
             optimizer = OptimizerInBackward(params, self.optimizer)
         else:
             optimizer = self.optimizer(params)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule, estimated = self.hparams.lr_schedule, self.trainer.estimated_stepping_batches
+        if not math.isfinite(estimated):  # no step limit (a run bounded by trainer.max_time only)
+            if self.hparams.warmup_ratio or schedule != "constant":
+                raise UserError(
+                    "without trainer.max_steps (or max_epochs) the number of steps is unknown, so warm-up and "
+                    "decay have no length: set model.warmup_ratio 0 and model.lr_schedule constant, or a step limit"
+                )
+            estimated = 1
+        total = max(1, int(estimated))
         warmup = int(self.hparams.warmup_ratio * total)
-        schedule = self.hparams.lr_schedule
 
         def factor(step: int) -> float:
             if step < warmup:
@@ -139,13 +147,17 @@ class TrainingModule(L.LightningModule):
                 f"be combined with {', '.join(found)}"
             )
 
-    def skip_nonfinite(self, loss: Tensor) -> None:
-        """Counts and logs a non-finite loss, whose step is then skipped (``training_step`` returns None);
-        ``max_nonfinite_steps`` of them in a row stop training."""
+    def skip_nonfinite(self, loss: Tensor, what: str = "loss") -> None:
+        """Counts and logs a non-finite loss (or other ``what``), whose step is then skipped (``training_step``
+        returns None); ``max_nonfinite_steps`` of them in a row stop training."""
         self.nonfinite_steps += 1
         self.nonfinite_in_a_row += 1
         log.warning(
-            "non-finite loss %s at step %d: skipped (%d so far)", loss.item(), self.global_step, self.nonfinite_steps
+            "non-finite %s %s at step %d: skipped (%d so far)",
+            what,
+            loss.item(),
+            self.global_step,
+            self.nonfinite_steps,
         )
         if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
             raise RuntimeError(

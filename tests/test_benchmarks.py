@@ -96,3 +96,32 @@ def test_margin_sensitivity_runs_every_kind_of_margin(tiny_dir, tmp_path):
     trained = {margin: float(rows[margin][5]) for margin in ("0.5", "auto", "adaptive")}
     assert trained["0.5"] == 0.5 and trained["auto"] > 0 and trained["adaptive"] >= 0
     assert all(float(rows[m][6]) > 0 for m in trained)  # the monitor's answer lengths
+
+
+@pytest.mark.slow
+def test_vs_trl_grpo_harness_runs_both_sides(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks/vs_trl_grpo.py"), "--tiny", "--steps", "1", "--warmup", "1"]
+    command += ["--prompts", "2", "--g", "2", "--length", "3", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in result.stdout.splitlines()
+        if line.split()[:1] in (["trl"], ["ours"])
+    }
+    assert set(rows) == {"trl", "ours"} and all(float(v) > 0 for r in rows.values() for v in r)
+    assert "ours/TRL" in result.stdout
+
+
+@pytest.mark.slow
+def test_compare_methods_gives_online_methods_the_same_budget(tiny_dir, tmp_path):
+    """The notes' comparison path: a wall-clock budget per fit, online methods from their demo configs."""
+    command = [sys.executable, str(ROOT / "benchmarks/compare_methods.py"), "--methods", "grpo", "ppo"]
+    command += ["--budget", "0.1", "--workdir", str(tmp_path), "--", *tiny_model_args(tiny_dir)]
+    command += ["--model.sampling.max_new_tokens", "3", "--data.cache_dir", "null", "--data.batch_size", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| grpo", "| ppo"))]
+    assert len(rows) == 2 and "value model" in rows[1]
+    steps = [int(row.split(" | ")[3]) for row in rows]
+    assert all(s >= 1 for s in steps)  # at least one rollout each inside 6 seconds, then stopped by max_time

@@ -17,6 +17,11 @@ def test_the_rule_judge_grades_correctness_then_length():
     assert scores == [1.0, 0.5, 0.0, 0.0]
     with pytest.raises(UserError, match="needs a reference"):
         RuleJudge()(["q"], ["Nairobi"], [None])
+    # length_penalty 0.2: a correct answer of w words scores 0.5 / (1 + 0.2 (w - 1)); 6 words: 0.25, 2: 0.5/1.2
+    shaped = RuleJudge(length_penalty=0.2)(
+        ["q"] * 3, ["The capital of Kenya is Nairobi.", "Nairobi, Kenya", "Nairobi"], ["Nairobi"] * 3
+    )
+    assert shaped == [pytest.approx(0.25), pytest.approx(0.5 / 1.2), 1.0]
 
 
 def wrong_count(prompts, responses, references):

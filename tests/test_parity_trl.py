@@ -371,3 +371,69 @@ def test_kto_matches_trl_kto_trainer(tiny_dir, tokenizer, tmp_path, seed):
     # change is at most β times the change of ρ - z₀: β · 2 · (the rounding bound of a summed log-prob).
     relative = 0.5 * 2 * rounding_bound(scale / 0.5, VOCAB)
     assert_same_step(module.model, loss, reference.model, trl_loss, torch.float32, relative)
+
+
+@pytest.mark.parametrize("loss_type, correction", [("grpo", True), ("dr_grpo", True), ("dapo", True), ("dapo", False)])
+def test_grpo_loss_and_gradients_match_trls(tiny_dir, tokenizer, tmp_path, loss_type, correction):
+    """GRPOTrainer's ``_compute_loss`` and ours on the same completions, old and reference log-probs and
+    advantages (ratios away from 1, some clipped; β 0.04, ε 0.2 / 0.28, temperature 0.7), with and without the
+    KL's importance-ratio correction: the same loss and gradients. TRL in float32, ours in float64, held to
+    the float32 rule."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from simpo_lightning.generation import SamplingConfig
+    from simpo_lightning.online import OnlineConfig, OnlineModule, Rollout
+
+    method = OnlineConfig(loss_type=loss_type, beta=0.04, epsilon=0.2, epsilon_high=0.28, kl_bias_correction=correction)
+    module = OnlineModule(
+        policy=PolicyConfig(name_or_path=tiny_dir),
+        lora=None,
+        method=method,
+        sampling=SamplingConfig(n=2, temperature=0.7, max_new_tokens=6),
+    )
+    module.configure_model()
+    policy = copy.deepcopy(module.model).train().float()
+    module.model.double()
+    args = GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
+        temperature=0.7, beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, report_to="none",
+        use_cpu=True, bf16=False, use_bias_correction_kl=correction,
+    )  # fmt: skip
+    trl_trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        args=args,
+        train_dataset=dataset([{"prompt": "Say hi."}] * 4),
+        processing_class=tokenizer,
+    )
+    trl_trainer.current_gradient_accumulation_steps = 1
+    generator = torch.Generator().manual_seed(0)
+    prompt = tokenizer("Name a colour:")["input_ids"]
+    completions = torch.randint(100, 5000, (4, 6), generator=generator)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] + [0] * 5])
+    completions = completions.masked_fill(mask == 0, tokenizer.pad_token_id)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    with torch.no_grad():
+        current = module.logps(module.model, [prompt] * 4, completions, mask)
+    old = (current + 0.3 * torch.randn(current.shape, generator=generator, dtype=torch.float64)) * mask
+    ref = (current + 0.2 * torch.randn(current.shape, generator=generator, dtype=torch.float64)) * mask
+    rewards = torch.zeros(4)
+    rollout = Rollout([prompt] * 4, completions, mask, mask[:, -1].bool(), rewards, advantages, old, ref)
+    ours_loss, _ = module._micro_loss(rollout, torch.arange(4), sequences=4, tokens=float(mask.sum()))
+    inputs = {
+        "prompt_ids": torch.tensor([prompt] * 4),
+        "prompt_mask": torch.ones(4, len(prompt), dtype=torch.long),
+        "completion_ids": completions,
+        "completion_mask": mask,
+        "advantages": advantages.float(),
+        "old_per_token_logps": old.float(),
+        "ref_per_token_logps": ref.float(),
+        "num_items_in_batch": mask.sum().float(),
+    }
+    trl_loss = trl_trainer._compute_loss(trl_trainer.model, inputs)
+    # the loss is a sum of ratios exp(log π - log π_old): its rounding is that of log-probs of size max|log π|
+    scale = current.abs().max().item()
+    agree(ours_loss.detach(), trl_loss.detach(), torch.float32, scale=scale, what=f"{loss_type} loss")
+    clipped = trl_trainer._metrics["train"]["clip_ratio/region_mean"][-1]
+    assert clipped > 0, "no ratio was clipped: the test would not see the clip"
+    assert_same_step(module.model, ours_loss, trl_trainer.model, trl_loss, torch.float32)

@@ -1,5 +1,5 @@
 """Preference data: sources (``sources``), row formats and tokenisation (``encoding``), collation and
-sampling (``collate``) and the DataModule (``datamodule``)."""
+sampling (``collate``), the DataModule (``datamodule``) and prompts for online methods (``prompts``)."""
 
 from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator, pack_pairs
 from simpo_lightning.data.datamodule import PreferenceDataModule
@@ -11,6 +11,7 @@ from simpo_lightning.data.encoding import (
     row_format,
     tokenizer_fingerprint,
 )
+from simpo_lightning.data.prompts import PromptBatch, PromptDataModule, PromptRow, read_prompts
 from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Skip, Source, read_source
 
 __all__ = [
@@ -21,11 +22,15 @@ __all__ = [
     "PairEncoder",
     "PreferenceCollator",
     "PreferenceDataModule",
+    "PromptBatch",
+    "PromptDataModule",
+    "PromptRow",
     "Skip",
     "Source",
     "Truncation",
     "encode_rows",
     "pack_pairs",
+    "read_prompts",
     "read_source",
     "row_format",
     "tokenizer_fingerprint",

@@ -189,19 +189,24 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        trainer, train = self.trainer, self.splits["train"]
+        train = self.splits["train"]
+        lengths = np.asarray(train.with_format("numpy")["length"]) if self.hparams.group_by_length else None
+        return self._loader("train", self.train_sampler(len(train), lengths))
+
+    def train_sampler(self, size: int, lengths: np.ndarray | None = None) -> GlobalBatchSampler:
+        """This process's share of each global training batch, resuming mid-epoch where a checkpoint left off."""
+        trainer = self.trainer
         # Data-parallel replicas (with tensor parallelism, fewer than the processes).
         replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
         world_size, rank = (replicas["num_replicas"], replicas["rank"]) if replicas else (1, 0)
-        lengths = np.asarray(train.with_format("numpy")["length"]) if self.hparams.group_by_length else None
-        sampler = GlobalBatchSampler(len(train), self.hparams.batch_size, world_size, rank, self.hparams.seed, lengths)
+        sampler = GlobalBatchSampler(size, self.hparams.batch_size, world_size, rank, self.hparams.seed, lengths)
         if trainer is not None and trainer.fit_loop.restarting:
             # Resuming: the restored loop state says how many batches of this epoch were trained on
             # ("processed": checkpoints are written in on_train_batch_end, before "completed" counts the batch).
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             sampler.skip = (trainer.current_epoch, done)
             log.info("resuming epoch %d after %d batches", trainer.current_epoch, done)
-        return self._loader("train", sampler)
+        return sampler
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
