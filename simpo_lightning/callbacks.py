@@ -57,8 +57,10 @@ class HeldOutReport(L.Callback):
         with trainer.precision_plugin.forward_context():
             result = reward_metrics(module, data.val_dataloader(), module.device)
             examples = data.generation_examples("val") if getattr(module, "generative", True) else []
+            answered: dict[tuple[int, ...], str] = {}
             if examples:
                 answers = greedy_answers(module.model, module.tokenizer, [p for p, _ in examples], self.sampling)
+                answered = {tuple(p): a for (p, _), a in zip(examples, answers)}
                 result["exact_match"] = sum(exact_match(a, r) for a, (_, r) in zip(answers, examples)) / len(examples)
                 self.samples = [
                     (module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r)
@@ -66,7 +68,11 @@ class HeldOutReport(L.Callback):
                 ]
             judge, rows = getattr(module, "judge", None), getattr(data, "val_prompts", None)
             if judge is not None and rows:  # online methods: what they optimise, on held-out prompts
-                answers = greedy_answers(module.model, module.tokenizer, [r.tokens for r in rows], self.sampling)
+                missing = [r.tokens for r in rows if tuple(r.tokens) not in answered]  # answered above: not again
+                if missing:
+                    answers = greedy_answers(module.model, module.tokenizer, missing, self.sampling)
+                    answered |= {tuple(p): a for p, a in zip(missing, answers)}
+                answers = [answered[tuple(r.tokens)] for r in rows]
                 scores = judge([r.prompt for r in rows], answers, [r.reference for r in rows])
                 result["judge_score"] = sum(scores) / len(scores)
         module.train(was_training)

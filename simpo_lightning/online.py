@@ -49,7 +49,7 @@ from simpo_lightning.batch import PairBatch, pad_right
 from simpo_lightning.data.prompts import PromptBatch
 from simpo_lightning.errors import UserError
 from simpo_lightning.generation import SamplingConfig, sample_responses
-from simpo_lightning.judges import Judge, RuleJudge
+from simpo_lightning.judges import Judge, Prompt, RuleJudge
 from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer
 from simpo_lightning.reference import Reference, ReferenceConfig
 from simpo_lightning.scoring import score_completions, score_pair_batch
@@ -111,6 +111,8 @@ class Rollout:
     ref_logps: Tensor | None
     values: Tensor | None = None
     returns: Tensor | None = None
+    texts: list[tuple[Prompt, str]] | None = None
+    """(prompt as the source gives it, decoded completion) of each completion, for the completions table."""
 
 
 # Checkpoints record these in their hyperparameters and load with weights_only=True.
@@ -193,13 +195,18 @@ class OnlineModule(TrainingModule):
         )
 
     @torch.no_grad()
-    def _logps_no_grad(self, model: nn.Module, prompts, completions: Tensor, mask: Tensor) -> Tensor:
+    def no_grad_per_token(self, function, prompts: list[list[int]], completions: Tensor, mask: Tensor) -> Tensor:
+        """``function(prompts, completions, mask)`` (per-token values ``[n, T']``) over the whole rollout, a
+        micro-batch at a time and without gradients, as ``[N, T]``."""
         size = self.config.micro_batch_size
         parts = [
-            self.logps(model, prompts[s : s + size], completions[s : s + size], mask[s : s + size])
+            function(prompts[s : s + size], completions[s : s + size], mask[s : s + size])
             for s in range(0, len(prompts), size)
         ]
         return torch.cat([nn.functional.pad(p, (0, mask.shape[1] - p.shape[1])) for p in parts])
+
+    def _logps_no_grad(self, model: nn.Module, prompts, completions: Tensor, mask: Tensor) -> Tensor:
+        return self.no_grad_per_token(lambda *rows: self.logps(model, *rows), prompts, completions, mask)
 
     def rollout(self, batch: PromptBatch) -> Rollout | None:
         """Sample, judge and score one batch of prompts; None when a reward is not finite (in any process)."""
@@ -219,9 +226,9 @@ class OnlineModule(TrainingModule):
         rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
         if not self.trainer.strategy.reduce_boolean_decision(bool(rewards.isfinite().all()), all=True):
             return None
-        self._texts = list(zip(_repeat(batch.prompts, g), texts))
         ended = torch.tensor([s.finish_reason == "stop" for s in samples], device=self.device)
-        return Rollout(_repeat(batch.tokens, g), completions, mask, ended, rewards, rewards, None, None)
+        texts = list(zip(_repeat(batch.prompts, g), texts))
+        return Rollout(_repeat(batch.tokens, g), completions, mask, ended, rewards, rewards, None, None, texts=texts)
 
     def advantages(self, rollout: Rollout) -> Rollout:
         """The rollout with its advantages and the log-probs the update needs (old, reference); statistics
@@ -376,7 +383,7 @@ class OnlineModule(TrainingModule):
         rows = [
             [self.rollouts, _text(prompt)[-200:], text, reward, advantage]
             for (prompt, text), reward, advantage in zip(
-                self._texts, rollout.rewards.tolist(), rollout.advantages.tolist()
+                rollout.texts, rollout.rewards.tolist(), rollout.advantages.tolist()
             )
         ][: 2 * self.sampling.n]
         for logger in loggers:

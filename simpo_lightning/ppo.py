@@ -136,13 +136,7 @@ class PPOModule(OnlineModule):
             )
         else:
             ref = old
-        with torch.no_grad():
-            size = config.micro_batch_size
-            parts = [
-                self.values(prompts[s : s + size], completions[s : s + size], rollout.mask[s : s + size])
-                for s in range(0, len(prompts), size)
-            ]
-            values = torch.cat([nn.functional.pad(v, (0, mask.shape[1] - v.shape[1])) for v in parts]) * mask
+        values = self.no_grad_per_token(self.values, prompts, completions, rollout.mask) * mask
         scores = rollout.rewards
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~rollout.ended).float()

@@ -157,6 +157,7 @@ def test_grpo_demo_config_through_the_command(tiny_dir, tmp_path):
     args += ["--model.sampling.n", "2", "--model.sampling.max_new_tokens", "4", "--data.batch_size", "2"]
     result = run_command(["fit", *args], tmp_path)
     assert "held-out after training" in result.stdout and "exact_match" in result.stdout
+    assert "judge_score" in result.stdout  # the judge on the greedy answers exact match already made
     (checkpoint,) = tmp_path.glob("run/version_*/checkpoints/last.ckpt")
     assert torch.load(checkpoint, weights_only=False)["online_rollouts"] == 2
 
