@@ -17,7 +17,8 @@ from typing import Literal
 import torch
 
 from simpo_lightning.errors import UserError
-from simpo_lightning.model import policy_from_checkpoint, saveable
+from simpo_lightning.model import policy_from_checkpoint
+from simpo_lightning.weights import saveable
 
 log = logging.getLogger(__name__)
 

@@ -47,10 +47,16 @@ class Sample:
     finish_reason: str
 
 
+def derived_seed(*parts: object, bits: int = 63) -> int:
+    """A seed of ``bits`` bits that is a function of ``parts`` (their ``repr``) alone: the same in every
+    process, run and resumed run."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**bits - 1)
+
+
 def sample_seed(seed: int, prompt: list[int], index: int) -> int:
     """The seed of sample ``index`` of ``prompt``: a function of the three alone."""
-    digest = hashlib.sha256(repr((seed, prompt, index)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derived_seed(seed, prompt, index)
 
 
 class SeededSampler(LogitsProcessor):

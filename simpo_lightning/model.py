@@ -1,7 +1,6 @@
-"""Everything that loads or builds a policy model or tokenizer: the only module touching
-``transformers`` and ``peft`` loading code."""
+"""Everything that loads or builds a policy model or tokenizer: the only module touching ``transformers`` and
+``peft`` loading code (GGUF and k-bit weights take their detour through ``weights``)."""
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -12,8 +11,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from simpo_lightning.cache import build_once, cache_root
 from simpo_lightning.errors import UserError, one_line
+from simpo_lightning.weights import float_copy, load_quantized
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +165,16 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None, head: Literal["caus
     if head == "reward":
         auto, config.num_labels = AutoModelForSequenceClassification, 1
     if cfg.quantization is not None:
-        model = load_quantized(cfg, lora, config, auto)
+        if lora is None:
+            raise ValueError(
+                "policy.quantization needs LoRA: quantized weights are frozen, only adapters can train (QLoRA)"
+            )
+        if cfg.random_init:
+            raise ValueError(
+                "policy.quantization loads saved weights; random_init has none (save the random model first)"
+            )
+        # transformers cannot combine GGUF and bitsandbytes: a GGUF source loads from its float copy
+        model = load_quantized(path, cfg.quantization, cfg.dtype, cfg.attn_implementation, config, auto)
     elif cfg.random_init:
         model = auto.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
@@ -284,76 +292,6 @@ def save_random_model(folder: str | Path, overrides: dict[str, Any], seed: int =
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     load_tokenizer(PolicyConfig()).save_pretrained(folder)
-
-
-def load_quantized(cfg: PolicyConfig, lora: LoraConfig | None, config, auto=None) -> nn.Module:
-    """Load the base weights through bitsandbytes, with clear errors for what cannot work."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    auto = auto or AutoModelForCausalLM
-    q = cfg.quantization
-    if lora is None:
-        raise ValueError(
-            "policy.quantization needs LoRA: quantized weights are frozen, only adapters can train (QLoRA)"
-        )
-    if cfg.random_init:
-        raise ValueError("policy.quantization loads saved weights; random_init has none (save the random model first)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"policy.quantization ({q.bits}-bit) needs bitsandbytes: pip install bitsandbytes")
-    path = model_folder(cfg)  # transformers cannot combine GGUF and bitsandbytes: a GGUF source is its float copy
-    if q.bits == 8:
-        bnb = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        bnb = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
-        )
-    device = torch.get_default_device()  # Lightning's init context: the accelerator the run trains on
-    try:
-        return auto.from_pretrained(
-            path,
-            config=config,
-            quantization_config=bnb,
-            dtype=getattr(torch, cfg.dtype),
-            attn_implementation=cfg.attn_implementation,
-            device_map={"": device},
-        )
-    except (RuntimeError, NotImplementedError, ImportError) as error:
-        raise RuntimeError(
-            f"bitsandbytes {q.bits}-bit loading failed on {device} (supported: CUDA, and CPU with "
-            f"bitsandbytes >= 0.49): {error}"
-        ) from error
-
-
-def float_copy(path: str, gguf_file: str) -> str:
-    """A GGUF model de-quantized once into an ordinary float32 model folder in the cache, which loads in a
-    fraction of a second where de-quantizing takes many (SmolLM2-135M: 0.2 s against 17 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = Path(path) / gguf_file
-    if not source.is_file():
-        raise UserError(f"model.policy.gguf_file: no file {source}")
-    stamp = hashlib.sha256(
-        f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}".encode()
-    ).hexdigest()[:16]
-    folder = cache_root() / f"gguf-{stamp}"
-    with build_once(folder) as building:
-        if building is not None:
-            log.info("de-quantizing %s once into %s", source, folder)
-            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
-            saveable(model).save_pretrained(building)
-            AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(building)
-    return str(folder)
-
-
-def saveable(model: nn.Module) -> nn.Module:
-    """Drops the quantized marker a GGUF load leaves (its weights are plain floats), which would make
-    ``save_pretrained`` refuse."""
-    model.config.quantization_config = None
-    model.hf_quantizer = None
-    return model
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:

@@ -17,7 +17,7 @@ the sharded model's forward needs all of them.
 
 import lightning as L
 
-from simpo_lightning.evaluate import judge_outcomes, response_stats
+from simpo_lightning.comparison import judge_outcomes, response_stats
 from simpo_lightning.generation import SamplingConfig, sample_responses
 from simpo_lightning.judges import Judge, PairwiseJudge
 from simpo_lightning.onpolicy import read_prompts

@@ -23,18 +23,13 @@ prompt, so group statistics are exact with any number of processes; the batch-wi
 Log-probs in the update use the logits divided by the sampling temperature, as sampling did. A judge score
 that is not finite skips the rollout (counted with non-finite losses, ``max_nonfinite_steps``).
 
-Logged under ``train/`` with TRL's names: ``reward``, ``reward_std``, ``frac_reward_zero_std``,
-``completions/mean_length`` (``min_length``, ``max_length``, ``clipped_ratio``: share without
-end-of-sequence), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``kl`` (β ≠
-0), ``loss``; and ``samples_per_sec`` over rollout and update, the seconds of each (``rollout_seconds``: sampling,
-judging and the no-gradient log-probs; ``update_seconds``) and ``nonfinite_steps``. A W&B logger also gets
-a table ``completions`` every ``log_completions_steps`` rollouts. Validation (and ``HeldOutReport``) measures
-held-out preference pairs by the policy's length-normalised log-probability (SimPO's reward, β = 1).
+Logged under ``train/`` with TRL's names (``reward``, ``reward_std``, ``frac_reward_zero_std``,
+``completions/*``, ``clip_ratio/*``, ``kl``, ``loss``) and the rollout's speed; a W&B logger also gets a table
+``completions``. The list, and validation on held-out pairs by SimPO's reward: docs/online.md.
 
     simpo-lightning fit --config configs/grpo-demo.yaml
 """
 
-import hashlib
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -48,7 +43,7 @@ from simpo_lightning import rl
 from simpo_lightning.batch import PairBatch, pad_right
 from simpo_lightning.data.prompts import PromptBatch
 from simpo_lightning.errors import UserError
-from simpo_lightning.generation import SamplingConfig, sample_responses
+from simpo_lightning.generation import SamplingConfig, derived_seed, sample_responses
 from simpo_lightning.judges import Judge, Prompt, RuleJudge
 from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer
 from simpo_lightning.reference import Reference, ReferenceConfig
@@ -216,7 +211,7 @@ class OnlineModule(TrainingModule):
     def sample(self, batch: PromptBatch) -> Rollout | None:
         """Completions of the batch's prompts and their judge scores (``rewards``); no advantages yet."""
         g, eos = self.sampling.n, self.tokenizer.eos_token_id
-        sampling = replace(self.sampling, seed=_seed(self.sampling.seed, self.rollouts))
+        sampling = replace(self.sampling, seed=derived_seed(self.sampling.seed, self.rollouts, bits=62))
         samples = [s for group in sample_responses(self.model, self.tokenizer, batch.tokens, sampling) for s in group]
         tokens = [s.tokens + [eos] * (s.finish_reason == "stop") for s in samples]
         completions = pad_right(tokens, self.tokenizer.pad_token_id).to(self.device)
@@ -241,7 +236,7 @@ class OnlineModule(TrainingModule):
         if self.beta:
             ref = self.reference.apply(self.model, lambda model: self._logps_no_grad(model, prompts, completions, mask))
         if self.config.method == "grpo":
-            std = self._reduced_std(rewards) if self.config.scale_rewards == "batch" else None
+            std = self.reduced_std(rewards) if self.config.scale_rewards == "batch" else None
             advantages = rl.group_advantages(rewards, g, self.config.scale_rewards, std)
         else:
             if self.beta:  # TRL's RLOO logs the mean per-token log-ratio to the reference as kl
@@ -249,24 +244,10 @@ class OnlineModule(TrainingModule):
             shaped = rewards - self.beta * ((old - ref) * mask).sum(-1) if self.beta else rewards
             advantages = rl.rloo_advantages(shaped, g)
             if self.config.normalize_advantages:
-                advantages = (advantages - self._reduced_mean(advantages)) / (
-                    self._reduced_std(advantages) + rl.STD_EPSILON
+                advantages = (advantages - self.reduced_mean(advantages)) / (
+                    self.reduced_std(advantages) + rl.STD_EPSILON
                 )
         return replace(rollout, advantages=advantages, old_logps=old if reuse else None, ref_logps=ref)
-
-    def _reduced_sums(self, x: Tensor) -> Tensor:
-        """(count, Σx, Σx²) over every process."""
-        sums = torch.stack([torch.tensor(float(len(x)), device=x.device), x.sum(), (x * x).sum()]).double()
-        return self.trainer.strategy.reduce(sums, reduce_op="sum") if self.trainer.world_size > 1 else sums
-
-    def _reduced_mean(self, x: Tensor) -> Tensor:
-        n, total, _ = self._reduced_sums(x)
-        return (total / n).to(x.dtype)
-
-    def _reduced_std(self, x: Tensor) -> Tensor:
-        """Standard deviation with Bessel's correction over every process's values."""
-        n, total, squares = self._reduced_sums(x)
-        return ((squares - total * total / n) / (n - 1)).clamp(min=0).sqrt().to(x.dtype)
 
     # ------------------------------------------------------------------ update
 
@@ -284,7 +265,7 @@ class OnlineModule(TrainingModule):
         seconds = time.perf_counter() - start
         lengths = rollout.mask.sum(-1).float()
         metrics = {
-            "reward_std": self._reduced_std(rollout.rewards),
+            "reward_std": self.reduced_std(rollout.rewards),
             "completions/mean_length": lengths.mean(),
             "completions/min_length": lengths.min(),
             "completions/max_length": lengths.max(),
@@ -299,7 +280,7 @@ class OnlineModule(TrainingModule):
         if self.sampling.n > 1:  # groups whose samples all got the same reward: no signal from them
             groups = rollout.rewards.view(-1, self.sampling.n)
             metrics["frac_reward_zero_std"] = (groups.std(1) < 1e-8).float().mean()
-        self.log("train/reward", self._reduced_mean(rollout.rewards).float(), prog_bar=True)
+        self.log("train/reward", self.reduced_mean(rollout.rewards).float(), prog_bar=True)
         self.log_dict({f"train/{k}": v.float() for k, v in metrics.items()}, sync_dist=True)
         self._log_completions(rollout)
         return None
@@ -308,7 +289,7 @@ class OnlineModule(TrainingModule):
         """The optimizer steps on one rollout; returns the update's mean loss and clip (and KL) statistics."""
         config, optimizer = self.config, self.optimizers()
         n = len(rollout.prompts)
-        generator = torch.Generator().manual_seed(_seed(self.sampling.seed, self.rollouts, "order"))
+        generator = torch.Generator().manual_seed(derived_seed(self.sampling.seed, self.rollouts, "order", bits=62))
         shuffled = config.num_iterations > 1 or config.updates_per_rollout > 1
         per_update = -(-n // config.updates_per_rollout)
         sums: dict[str, Tensor] = {}
@@ -409,10 +390,6 @@ class OnlineModule(TrainingModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollouts = checkpoint.get("online_rollouts", 0)
-
-
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**62 - 1)
 
 
 def _repeat(items: list, times: int) -> list:

@@ -165,6 +165,21 @@ class TrainingModule(L.LightningModule):
                 "bf16-mixed instead of 16-mixed, or check the data"
             )
 
+    def reduced_mean(self, x: Tensor) -> Tensor:
+        """The mean of every process's values of ``x``."""
+        n, total, _ = self._reduced_sums(x)
+        return (total / n).to(x.dtype)
+
+    def reduced_std(self, x: Tensor) -> Tensor:
+        """The standard deviation (Bessel's correction) of every process's values of ``x``."""
+        n, total, squares = self._reduced_sums(x)
+        return ((squares - total * total / n) / (n - 1)).clamp(min=0).sqrt().to(x.dtype)
+
+    def _reduced_sums(self, x: Tensor) -> Tensor:
+        """(count, Σx, Σx²) over every process, in float64."""
+        sums = torch.stack([torch.tensor(float(len(x)), device=x.device), x.sum(), (x * x).sum()]).double()
+        return self.trainer.strategy.reduce(sums, reduce_op="sum") if self.trainer.world_size > 1 else sums
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 

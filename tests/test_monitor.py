@@ -2,7 +2,7 @@
 
 from lightning.pytorch.loggers import CSVLogger
 
-from simpo_lightning.evaluate import response_stats
+from simpo_lightning.comparison import response_stats
 from simpo_lightning.judges import CallableJudge
 from simpo_lightning.monitor import GenerationMonitor
 

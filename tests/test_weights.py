@@ -1,0 +1,47 @@
+"""Weights that take a detour: the GGUF default through its cached float copy, and 8/4-bit bitsandbytes
+bases trained through LoRA."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from simpo_lightning.cli import cli_main
+from simpo_lightning.model import PolicyConfig, load_tokenizer, model_folder
+
+from helpers import csv_losses, tiny_args
+
+
+def test_the_gguf_default_loads_from_its_cached_float_copy():
+    """The built-in model's folder is the float copy: an ordinary transformers folder, built once."""
+    folder = model_folder(PolicyConfig())
+    assert os.path.isfile(os.path.join(folder, "config.json")) and model_folder(PolicyConfig()) == folder
+    tokenizer = load_tokenizer(PolicyConfig())
+    assert tokenizer.name_or_path == folder and tokenizer.chat_template
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_lora_trains_and_checkpoints_only_adapters(tiny_dir, tmp_path, bits):
+    import bitsandbytes as bnb
+
+    steps = ["--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1"]
+    cli_main(["fit", *tiny_args(tiny_dir, tmp_path / "float", *steps)])
+    quantization = {"bits": bits, "compute_dtype": "float32"}
+    cli = cli_main(
+        [
+            "fit",
+            *tiny_args(tiny_dir, tmp_path / "quant", *steps),
+            "--model.policy.quantization",
+            json.dumps(quantization),
+        ]
+    )
+    layer = cli.model.model.get_base_model().model.layers[0].mlp.up_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit)
+    float_losses = csv_losses(tmp_path / "float/run/version_0/metrics.csv")
+    quant_losses = csv_losses(tmp_path / "quant/run/version_0/metrics.csv")
+    # Same model and batches; only the quantization error of the base weights separates them.
+    assert quant_losses[0] == pytest.approx(float_losses[0], rel=0.02) and quant_losses[0] != float_losses[0]
+    assert len(set(quant_losses.values())) == 3
+    saved = torch.load(tmp_path / "quant/run/version_0/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert saved and all("lora_" in key for key in saved)
