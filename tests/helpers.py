@@ -38,6 +38,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -263,7 +264,7 @@ def wandb_records(path: Path) -> list:
             offset += block - offset % block
             continue
         length, kind = int.from_bytes(data[offset + 4 : offset + 6], "little"), data[offset + 6]
-        if kind == 0 and length == 0:
+        if (kind == 0 and length == 0) or offset + 7 + length > len(data):  # the end, or a record being written
             break
         chunk += data[offset + 7 : offset + 7 + length]
         offset += 7 + length
@@ -275,10 +276,22 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def finished_wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a finished offline run, once W&B has written them all: ``run.finish()`` can return
+    before its writer process has flushed the file, whose last record is the run's ``exit``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path)
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s (the run did not finish)"
+        time.sleep(0.1)
+
+
 def wandb_history(path: Path) -> tuple[dict, dict]:
-    """Last logged value of every history key, and the run config, from an offline run file."""
+    """Last logged value of every history key, and the run config, from a finished offline run file."""
     history, config = {}, {}
-    for record in wandb_records(path):
+    for record in finished_wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
