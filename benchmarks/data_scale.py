@@ -1,6 +1,6 @@
 """Preference data at UltraFeedback's scale: the tokenised Arrow store against the previous in-memory path.
 
-    python benchmarks/data_scale.py                     # 60,000 pairs (about 240 MB of JSONL), about 25 minutes
+    python benchmarks/data_scale.py                     # 60,000 pairs (about 200 MB of JSONL), about 10 minutes
     python benchmarks/data_scale.py --pairs 2000        # a quick look
 
 The file is made by ``make_pairs`` (deterministic: unique prompts, responses of a few hundred tokens),
