@@ -2,6 +2,7 @@
 how it counts rollouts, what it does with bad rewards, resume, a zero learning rate, and the demo config
 through the real command."""
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -162,18 +163,33 @@ def test_grpo_demo_config_through_the_command(tiny_dir, tmp_path):
     assert torch.load(checkpoint, weights_only=False)["online_rollouts"] == 2
 
 
+def ends_early(tiny_dir: str, folder: Path) -> str:
+    """The tiny model with its end-of-sequence row of the (tied) output head set to 10 times a random unit
+    vector: it samples end-of-sequence often enough that completions of 4 tokens end at different lengths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] = 10 * direction / direction.norm()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.slow
 def test_two_processes_make_the_update_of_one_with_the_same_global_batch(tiny_dir, tmp_path):
     """GRPO (DAPO loss, advantages scaled by the batch's reward std) over 2 processes with 2 prompts each
     against 1 process with the same 4: the same samples (seeded by prompt), each group's mean in the process
-    that holds it, the std over both processes, DAPO's token count over both, gradients averaged by DDP: the
-    same LoRA update after 2 rollouts (plain SGD; lora_B starts at 0, so its final value is the update), by
-    the rounding rule. (The tiny random model never samples end-of-sequence, so every completion has the same
-    length and the token count would agree even if it were not reduced; the std would not.)"""
+    that holds it, the std over both processes, DAPO's token count over both (completions of different
+    lengths, so each process's own count differs from the global one), gradients averaged by DDP: the same
+    LoRA update after 2 rollouts (plain SGD; lora_B starts at 0, so its final value is the update), by the
+    rounding rule."""
+    model = ends_early(tiny_dir, tmp_path / "ends-early")
     judge = {"class_path": "simpo_lightning.judges.CallableJudge", "init_args": {"function": "helpers.shortest_wins"}}
     common = ["--trainer.max_steps", "2", "--model.sampling.n", "4", "--model.sampling.max_new_tokens", "4"]
     common += ["--model.judge", json.dumps(judge), "--model.optimizer", json.dumps(SGD)]
-    common += ["--model.method.scale_rewards", "batch"]
+    common += ["--model.method.scale_rewards", "batch", "--trainer.log_every_n_steps", "1"]
     runs = {
         "one": ["--data.batch_size", "4"],
         "two": ["--data.batch_size", "2", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -181,11 +197,18 @@ def test_two_processes_make_the_update_of_one_with_the_same_global_batch(tiny_di
     }
     updates = {}
     for name, extra in runs.items():
-        args = tiny_args(tiny_dir, tmp_path / name, *common, *extra, config="grpo-demo.yaml")
+        args = tiny_args(model, tmp_path / name, *common, *extra, config="grpo-demo.yaml")
         run_command(["fit", *args], tmp_path, PYTHONPATH=str(ROOT / "tests"))
         (checkpoint,) = (tmp_path / name).glob("run/version_*/checkpoints/last.ckpt")
         state = torch.load(checkpoint, weights_only=False)["state_dict"]
         updates[name] = {k: v for k, v in state.items() if "lora_B" in k}
+    (metrics,) = (tmp_path / "one").glob("run/version_*/metrics.csv")
+    lengths = [
+        (float(r["train/completions/min_length"]), float(r["train/completions/max_length"]))
+        for r in csv.DictReader(metrics.open())
+        if r.get("train/completions/min_length")
+    ]
+    assert len(lengths) == 2 and lengths[0][0] < lengths[0][1], lengths  # the first rollout: unequal lengths
     assert updates["one"] and updates["one"].keys() == updates["two"].keys()
     assert max(v.abs().max() for v in updates["one"].values()) > 0
     for key, value in updates["one"].items():
