@@ -341,11 +341,16 @@ def fast_bf16(device_type: str = "cpu") -> bool:
     return units and allowed
 
 
+def without_peft(model: nn.Module) -> nn.Module:
+    """The transformers model under peft's wrapper (the model itself where there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, Tensor] | None:
     """The decoder (returning final, normalised hidden states) and the output head's weight, for
     computing log-probs from hidden states in chunks; None where the head is more than a bias-free
     linear layer (logit soft-capping or scaling, an adapted head), which needs the model's own logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    base = without_peft(model)
     head = base.get_output_embeddings()
     config = base.config
     if type(head) is not nn.Linear or head.bias is not None:

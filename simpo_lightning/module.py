@@ -16,7 +16,7 @@ from simpo_lightning.margin import set_auto_margin
 from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer
 from simpo_lightning.reference import Reference, ReferenceConfig, reference_identity
 from simpo_lightning.scoring import Scores, score_pair_batch, score_sequences
-from simpo_lightning.training import TrainingModule, metric_states
+from simpo_lightning.training import TrainingModule, metric_states, pair_reward_metrics
 
 # KTO turns pairs into completions in on_before_batch_transfer, which Lightning points out on every run.
 warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
@@ -241,6 +241,5 @@ def preference_metrics(
         metrics[f"logits/{side}"] = scores.mean_logits.detach().float()
         metrics[f"lengths/{side}"] = scores.lengths.float()
     if paired:
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        metrics["rewards/accuracies"] = (metrics["rewards/margins"] > 0).float()
+        metrics |= pair_reward_metrics(metrics["rewards/chosen"], metrics["rewards/rejected"])
     return metrics

@@ -32,6 +32,7 @@ Logged under ``train/`` with TRL's names (``reward``, ``reward_std``, ``frac_rew
 
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -48,7 +49,7 @@ from simpo_lightning.judges import Judge, Prompt, RuleJudge
 from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer
 from simpo_lightning.reference import Reference, ReferenceConfig
 from simpo_lightning.scoring import score_completions, score_pair_batch
-from simpo_lightning.training import TrainingModule, metric_states
+from simpo_lightning.training import TrainingModule, metric_states, pair_reward_metrics
 
 HELD_OUT = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
 HELD_OUT += ["logps/chosen", "logps/rejected"]
@@ -108,6 +109,11 @@ class Rollout:
     returns: Tensor | None = None
     texts: list[tuple[Prompt, str]] | None = None
     """(prompt as the source gives it, decoded completion) of each completion, for the completions table."""
+
+    def take(self, rows: Tensor) -> tuple[list[list[int]], Tensor, Tensor]:
+        """The prompts, completions and (float) mask of ``rows``, cut to their longest completion."""
+        width = int(self.mask[rows].sum(-1).max())
+        return [self.prompts[i] for i in rows.tolist()], self.completions[rows, :width], self.mask[rows, :width].float()
 
 
 # Checkpoints record these in their hyperparameters and load with weights_only=True.
@@ -190,26 +196,28 @@ class OnlineModule(TrainingModule):
         )
 
     @torch.no_grad()
-    def no_grad_per_token(self, function, prompts: list[list[int]], completions: Tensor, mask: Tensor) -> Tensor:
+    def no_grad_per_token(self, function, rollout: Rollout) -> Tensor:
         """``function(prompts, completions, mask)`` (per-token values ``[n, T']``) over the whole rollout, a
         micro-batch at a time and without gradients, as ``[N, T]``."""
-        size = self.config.micro_batch_size
+        size, mask = self.config.micro_batch_size, rollout.mask
         parts = [
-            function(prompts[s : s + size], completions[s : s + size], mask[s : s + size])
-            for s in range(0, len(prompts), size)
+            function(rollout.prompts[s : s + size], rollout.completions[s : s + size], mask[s : s + size])
+            for s in range(0, len(mask), size)
         ]
         return torch.cat([nn.functional.pad(p, (0, mask.shape[1] - p.shape[1])) for p in parts])
 
-    def _logps_no_grad(self, model: nn.Module, prompts, completions: Tensor, mask: Tensor) -> Tensor:
-        return self.no_grad_per_token(lambda *rows: self.logps(model, *rows), prompts, completions, mask)
+    def rollout_logps(self, rollout: Rollout, reference: bool = False) -> Tensor:
+        """Per-token log-probs ``[N, T]`` of the rollout's completions without gradients, under the policy or
+        (``reference``) the reference model."""
 
-    def rollout(self, batch: PromptBatch) -> Rollout | None:
-        """Sample, judge and score one batch of prompts; None when a reward is not finite (in any process)."""
-        sampled = self.sample(batch)
-        return self.advantages(sampled) if sampled is not None else None
+        def under(model: nn.Module) -> Tensor:
+            return self.no_grad_per_token(partial(self.logps, model), rollout)
+
+        return self.reference.apply(self.model, under) if reference else under(self.model)
 
     def sample(self, batch: PromptBatch) -> Rollout | None:
-        """Completions of the batch's prompts and their judge scores (``rewards``); no advantages yet."""
+        """Completions of the batch's prompts and their judge scores (``rewards``), no advantages yet; None when
+        a score is not finite (in any process)."""
         g, eos = self.sampling.n, self.tokenizer.eos_token_id
         sampling = replace(self.sampling, seed=derived_seed(self.sampling.seed, self.rollouts, bits=62))
         samples = [s for group in sample_responses(self.model, self.tokenizer, batch.tokens, sampling) for s in group]
@@ -229,12 +237,9 @@ class OnlineModule(TrainingModule):
         """The rollout with its advantages and the log-probs the update needs (old, reference); statistics
         of the rollout itself go to ``rollout_stats``."""
         g, rewards, mask = self.sampling.n, rollout.rewards, rollout.mask
-        prompts, completions = rollout.prompts, rollout.completions
         reuse = self.config.num_iterations > 1 or self.config.updates_per_rollout > 1
-        old = self._logps_no_grad(self.model, prompts, completions, mask) if reuse or self.beta else None
-        ref = None
-        if self.beta:
-            ref = self.reference.apply(self.model, lambda model: self._logps_no_grad(model, prompts, completions, mask))
+        old = self.rollout_logps(rollout) if reuse or self.beta else None
+        ref = self.rollout_logps(rollout, reference=True) if self.beta else None
         if self.config.method == "grpo":
             std = self.reduced_std(rewards) if self.config.scale_rewards == "batch" else None
             advantages = rl.group_advantages(rewards, g, self.config.scale_rewards, std)
@@ -244,9 +249,8 @@ class OnlineModule(TrainingModule):
             shaped = rewards - self.beta * ((old - ref) * mask).sum(-1) if self.beta else rewards
             advantages = rl.rloo_advantages(shaped, g)
             if self.config.normalize_advantages:
-                advantages = (advantages - self.reduced_mean(advantages)) / (
-                    self.reduced_std(advantages) + rl.STD_EPSILON
-                )
+                spread = self.reduced_std(advantages) + rl.STD_EPSILON
+                advantages = (advantages - self.reduced_mean(advantages)) / spread
         return replace(rollout, advantages=advantages, old_logps=old if reuse else None, ref_logps=ref)
 
     # ------------------------------------------------------------------ update
@@ -254,11 +258,12 @@ class OnlineModule(TrainingModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         self.rollout_stats = {}
-        rollout = self.rollout(batch)
+        rollout = self.sample(batch)
         self.rollouts += 1
         if rollout is None:
             self.skip_nonfinite(torch.tensor(float("nan")), "judge reward")
             return None
+        rollout = self.advantages(rollout)
         self.nonfinite_in_a_row = 0
         sampled = time.perf_counter()
         stats = self.update(rollout)
@@ -326,10 +331,8 @@ class OnlineModule(TrainingModule):
         self, rollout: Rollout, rows: Tensor, sequences: int, tokens: float
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """One micro-batch's share of its update's loss, and its clip (and KL) statistics as weighted sums."""
-        width = int(rollout.mask[rows].sum(-1).max())
-        completions, mask = rollout.completions[rows, :width], rollout.mask[rows, :width].float()
-        prompts = [rollout.prompts[i] for i in rows.tolist()]
-        logps = self.logps(self.model, prompts, completions, mask)
+        prompts, completions, mask = rollout.take(rows)
+        logps, width = self.logps(self.model, prompts, completions, mask), mask.shape[1]
         old = rollout.old_logps[rows, :width] if rollout.old_logps is not None else logps.detach()
         advantages = rollout.advantages[rows]
         eps_low, eps_high = self.config.epsilon, self.epsilon_high
@@ -379,10 +382,7 @@ class OnlineModule(TrainingModule):
             raise UserError("OnlineModule validates on preference pairs (data.val_data with chosen and rejected)")
         chosen, rejected = score_pair_batch(self.model, batch, self.chunk).halves()
         c, r = chosen.mean_logps.detach().float(), rejected.mean_logps.detach().float()
-        margins = c - r
-        metrics = {"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": margins}
-        metrics |= {"rewards/accuracies": (margins > 0).float(), "logps/chosen": c, "logps/rejected": r}
-        return margins.new_zeros(()), metrics
+        return c.new_zeros(()), pair_reward_metrics(c, r) | {"logps/chosen": c, "logps/rejected": r}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

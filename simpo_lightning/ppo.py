@@ -40,7 +40,7 @@ from simpo_lightning import rl
 from simpo_lightning.errors import UserError
 from simpo_lightning.generation import SamplingConfig
 from simpo_lightning.judges import Judge
-from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy
+from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy, without_peft
 from simpo_lightning.online import OnlineConfig, OnlineModule, Rollout
 from simpo_lightning.reference import ReferenceConfig
 from simpo_lightning.scoring import pack_completions
@@ -122,21 +122,15 @@ class PPOModule(OnlineModule):
     def values(self, prompts: list[list[int]], completions: Tensor, mask: Tensor) -> Tensor:
         """The value model's prediction ``[n, T]`` at the position before each completion token (its state)."""
         packed = pack_completions(prompts, completions, mask, self.tokenizer.pad_token_id, self.config.shared_prompt)
-        base = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
+        base = without_peft(self.value_model)
         hidden = getattr(base, base.base_model_prefix)(**packed.inputs).last_hidden_state
         return packed.unflatten(base.score(hidden.flatten(0, 1)[packed.index]).squeeze(-1).float())
 
     def advantages(self, rollout: Rollout) -> Rollout:
         config, mask = self.config, rollout.mask.float()
-        prompts, completions = rollout.prompts, rollout.completions
-        old = self._logps_no_grad(self.model, prompts, completions, rollout.mask)
-        if self.beta:
-            ref = self.reference.apply(
-                self.model, lambda model: self._logps_no_grad(model, prompts, completions, rollout.mask)
-            )
-        else:
-            ref = old
-        values = self.no_grad_per_token(self.values, prompts, completions, rollout.mask) * mask
+        old = self.rollout_logps(rollout)
+        ref = self.rollout_logps(rollout, reference=True) if self.beta else old
+        values = self.no_grad_per_token(self.values, rollout) * mask
         scores = rollout.rewards
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
@@ -160,10 +154,8 @@ class PPOModule(OnlineModule):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Token mean over the minibatch (``tokens``) of the clipped policy loss plus vf_coef times the
         clipped value loss; statistics as token-weighted sums."""
-        width = int(rollout.mask[rows].sum(-1).max())
-        completions, mask = rollout.completions[rows, :width], rollout.mask[rows, :width].float()
-        prompts = [rollout.prompts[i] for i in rows.tolist()]
-        logps = self.logps(self.model, prompts, completions, mask)
+        prompts, completions, mask = rollout.take(rows)
+        logps, width = self.logps(self.model, prompts, completions, mask), mask.shape[1]
         values = self.values(prompts, completions, mask)
         old, advantages = rollout.old_logps[rows, :width], rollout.advantages[rows, :width]
         eps = self.config.epsilon

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from simpo_lightning.batch import PairBatch, UnpairedBatch
 from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy, load_tokenizer
 from simpo_lightning.scoring import score_pair_batch, score_sequences
-from simpo_lightning.training import TrainingModule, metric_states
+from simpo_lightning.training import TrainingModule, metric_states, pair_reward_metrics
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "lengths/chosen"]
 
@@ -61,12 +61,8 @@ class SFTModule(TrainingModule):
             return loss, {"loss": (-scores.mean_logps).detach(), "lengths/chosen": scores.lengths.float()}
         chosen, rejected = score_pair_batch(self.model, batch, self.chunk).halves()
         loss = -chosen.sum_logps.sum() / chosen.lengths.sum()
-        margins = (chosen.mean_logps - rejected.mean_logps).detach()
         return loss, {
             "loss": (-chosen.mean_logps).detach(),
-            "rewards/chosen": chosen.mean_logps.detach(),
-            "rewards/rejected": rejected.mean_logps.detach(),
-            "rewards/margins": margins,
-            "rewards/accuracies": (margins > 0).float(),
+            **pair_reward_metrics(chosen.mean_logps.detach(), rejected.mean_logps.detach()),
             "lengths/chosen": chosen.lengths.float(),
         }

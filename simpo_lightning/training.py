@@ -31,6 +31,18 @@ def metric_states(names: list[str]) -> nn.ModuleDict:
     return nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in names})
 
 
+def pair_reward_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
+    """Per-pair metrics (TRL's names) of the chosen and rejected responses' rewards: ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies`` (1 where r_w > r_l)."""
+    margins = chosen - rejected
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": margins,
+        "rewards/accuracies": (margins > 0).float(),
+    }
+
+
 class TrainingModule(L.LightningModule):
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
