@@ -45,18 +45,25 @@ HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 # --------------------------------------------------------------------------- shared preparation
 
 
+def model_path(tiny: bool, workdir: Path) -> str:
+    """The float folder of the built-in SmolLM2, or (``tiny``) a 2-layer random model of its architecture
+    saved under ``workdir``."""
+    from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, model_folder, save_random_model
+
+    if not tiny:
+        return model_folder(PolicyConfig())
+    save_random_model(workdir / "tiny-model", TINY_ARCHITECTURE)
+    return str(workdir / "tiny-model")
+
+
 def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[str, Path]:
     """A float model folder and a JSONL of ``n_pairs`` standard-format pairs that fit ``max_length``."""
     from simpo_lightning import demo
     from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, read_source
     from simpo_lightning.data.encoding import split_hh
-    from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, load_tokenizer, model_folder, save_random_model
+    from simpo_lightning.model import PolicyConfig, load_tokenizer
 
-    if tiny:
-        model = str(workdir / "tiny-model")
-        save_random_model(model, TINY_ARCHITECTURE)
-    else:
-        model = model_folder(PolicyConfig())
+    model = model_path(tiny, workdir)
     if HH_FILE.is_file():
         rows = []
         for _, row in read_source(str(HH_FILE))[0]:
@@ -221,12 +228,15 @@ def parameter_counts(model) -> dict[str, int]:
 
 def run_worker(spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TRL_EXPERIMENTAL_SILENCE": "1"}
-    result = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
-    )
+    return child_result([sys.executable, __file__, "--worker", json.dumps(spec)], spec["name"], env)
+
+
+def child_result(command: list[str], name: str, env: dict[str, str]) -> dict:
+    """Runs a measuring child process: the JSON its ``RESULT`` line printed, or exit with its output."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     line = next((text for text in result.stdout.splitlines() if text.startswith("RESULT ")), None)
     if result.returncode != 0 or line is None:
-        raise SystemExit(f"{spec['name']} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return json.loads(line[len("RESULT ") :])
 
 

@@ -18,11 +18,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_trl import child_result, model_path
 
 
 def demo_prompts(n: int) -> list[dict]:
@@ -35,15 +37,6 @@ def demo_prompts(n: int) -> list[dict]:
             seen.add(key)
             out.append({"prompt": row["prompt"], "reference": row["reference"]})
     return out[:n]
-
-
-def model_path(tiny: bool, workdir: Path) -> str:
-    from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, model_folder, save_random_model
-
-    if not tiny:
-        return model_folder(PolicyConfig())
-    save_random_model(workdir / "tiny", TINY_ARCHITECTURE)
-    return str(workdir / "tiny")
 
 
 def run_ours(args, model: str) -> list[float]:
@@ -158,11 +151,7 @@ def main() -> None:
         results = {}
         for side in ("trl", "ours"):
             command = [sys.executable, __file__, "--side", side, "--model", model, *sys.argv[1:]]
-            out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{side} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-            results[side] = json.loads(line[7:])
+            results[side] = child_result(command, side, {**os.environ, "WANDB_MODE": "disabled"})
     print(f"GRPO, {args.prompts} prompts × G {args.g}, {args.length} tokens, {args.steps} timed rollouts, "
           f"{args.threads} threads, {'tiny' if args.tiny else 'SmolLM2-135M'} + LoRA r16")  # fmt: skip
     print(f"{'':<8}{'samples/s':>12}{'median step s':>16}{'peak RSS GB':>14}")
