@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="toy size on CPU instead of a GPU")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=4, help="preference pairs per step")
+    parser.add_argument("--runs", nargs="+", choices=list(runs(False)), default=list(runs(False)), help="which runs")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     save_random_model(workdir / "model", TINY_ARCHITECTURE if args.cpu else GPU_SIZE)  # SmolLM2's architecture, resized
@@ -98,6 +99,8 @@ def main() -> None:
     print("| run | peak memory GB | s per step (incl. start-up) | status |\n|---|---|---|---|", flush=True)
     failed = 0
     for name, extra in runs(args.cpu).items():
+        if name not in args.runs:
+            continue
         start = time.perf_counter()
         result = subprocess.run(
             [sys.executable, "-m", "simpo_lightning.cli", "fit", *common, *extra],

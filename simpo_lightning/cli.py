@@ -1,6 +1,6 @@
 """The ``simpo-lightning`` command.
 
-``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's: they run any LightningModule and
+``fit``, ``validate`` and ``test`` are LightningCLI's: they run any LightningModule and
 LightningDataModule that the YAML names by ``class_path`` (``model:`` and ``data:``); a section without
 ``class_path`` is ``SimPOModule`` / ``PreferenceDataModule``, so plain configs stay as they are. The
 other commands are functions registered in ``COMMANDS``: their typed signature is their ``--help``, and
@@ -14,6 +14,7 @@ import netrc
 import os
 import signal
 import sys
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +33,7 @@ COMMANDS = {
     "pairs": "simpo_lightning.onpolicy:pairs",
     "rounds": "simpo_lightning.rounds:rounds",
 }
+TRAINER_COMMANDS = ("fit", "validate", "test")  # LightningCLI's; its predict has nothing to predict here: generate
 DEFAULT_MODULE = "simpo_lightning.module.SimPOModule"
 DEFAULT_DATA = "simpo_lightning.data.PreferenceDataModule"
 
@@ -80,6 +82,17 @@ class SaveConfig(SaveConfigCallback):
             logger.log_hyperparams(yaml.safe_load(text))
 
 
+def check_checkpoint(path: Path, option: str) -> None:
+    """A one-line error unless ``path`` is a checkpoint Lightning can read: a file in torch's zip format or a
+    sharded (distributed) checkpoint folder, which holds a ``.metadata`` file."""
+    if not path.exists():
+        raise UserError(f"{option} {path}: no such checkpoint file or folder")
+    if path.is_dir() and not (path / ".metadata").is_file():
+        raise UserError(f"{option} {path}: a folder, but not a sharded checkpoint (no .metadata file in it)")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"{option} {path}: not a checkpoint file (truncated or corrupt?); use another, or start afresh")
+
+
 def find_last_checkpoint(trainer: Trainer) -> Path | None:
     """The newest ``last*.ckpt`` of any earlier run logged beside this one (same logger folder)."""
     found = list(run_dir(trainer).parent.glob("*/checkpoints/last*.ckpt"))
@@ -105,11 +118,13 @@ class SimPOCLI(LightningCLI):
         # Every module of this package loads its tokenizer; the data pipeline tokenises with it.
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
-            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file or folder")
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of --ckpt_path here, the first time it opens the file: checked first
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            check_checkpoint(Path(ckpt_path), "--ckpt_path")
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         # Lightning looks for ``ckpt_path: last`` only in this run's new version folder, where nothing is
@@ -164,7 +179,7 @@ def nulls_as_dicts(args: list[str]) -> list[str]:
 
 
 def cli_main(args: list[str] | None = None) -> SimPOCLI:
-    """The fit/validate/test/predict commands (LightningCLI) on ``args``, or on ``sys.argv`` when None."""
+    """The fit/validate/test commands (LightningCLI) on ``args``, or on ``sys.argv`` when None."""
     if args is None:
         sys.argv[1:] = nulls_as_dicts(sys.argv[1:])
     else:
@@ -207,7 +222,7 @@ def overview() -> str:
         "",
         "Training and evaluation on a LightningModule and LightningDataModule (LightningCLI; default SimPOModule",
         "and PreferenceDataModule, others by class_path in the YAML):",
-        "  fit, validate, test, predict",
+        "  " + ", ".join(TRAINER_COMMANDS),
         "",
         "Other commands:",
     ]
@@ -226,8 +241,12 @@ def main(args: list[str] | None = None) -> None:
             run_function(command[0], command[1:])
         elif not command or command[0] in ("-h", "--help"):
             print(overview())
-        else:
+        elif command[0] in TRAINER_COMMANDS or command[0].startswith("-"):
             cli_main(args)  # None: sys.argv, which Lightning also uses to launch the other processes of a run
+        else:
+            hint = " (`generate` answers prompts with a model or checkpoint)" if command[0] == "predict" else ""
+            names = ", ".join([*TRAINER_COMMANDS, *COMMANDS])
+            raise UserError(f"no command {command[0]!r}{hint}; the commands are {names} (simpo-lightning --help)")
 
 
 if __name__ == "__main__":

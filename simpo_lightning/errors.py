@@ -21,6 +21,13 @@ class UserError(Exception):
     """A problem with the user's input, data, configuration or files, not with the code."""
 
 
+def require(condition: bool, message: str) -> None:
+    """A ``UserError`` with ``message`` unless ``condition``: for settings that cannot work (a negative β, a batch
+    of no pairs), refused where they are given rather than failing, or silently misleading, later."""
+    if not condition:
+        raise UserError(message)
+
+
 def one_line(error: BaseException) -> str:
     """The message of ``error`` on one line. jsonargparse's type errors span several lines (``Parser key "k":``,
     the accepted types, ``Given value: v``) and nest an error of a ``class_path`` section inside the

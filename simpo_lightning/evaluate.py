@@ -46,6 +46,7 @@ from simpo_lightning.data.encoding import Columns
 from simpo_lightning.errors import UserError
 from simpo_lightning.generation import SamplingConfig
 from simpo_lightning.judges import Judge, PairwiseJudge, RuleJudge
+from simpo_lightning.model import check_model_source
 from simpo_lightning.onpolicy import generate, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ def evaluate(
         # Keyed by the prompt as written: sides with different tokenizers answer the same prompts.
         return {json.dumps(r["prompt"], sort_keys=True): r for r in read_jsonl(path)}
 
+    for source in [baseline, *sources]:  # before any model answers: a wrong path should not cost a generation
+        if source not in ("default", REFERENCE):
+            check_model_source(source, "evaluate: candidate or baseline")
     if baseline == REFERENCE and REFERENCE in sources:
         raise UserError("evaluate: the reference answers cannot be both the baseline and a candidate")
     if baseline == REFERENCE and not sources:

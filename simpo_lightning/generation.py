@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from simpo_lightning.errors import UserError
+from simpo_lightning.errors import require
 
 
 @dataclass
@@ -37,6 +37,17 @@ class SamplingConfig:
     """With the prompt and the sample's index, seeds each sample's generator."""
     batch_size: int = 32
     """Sequences (prompts times samples) per forward pass, in whole prompts: at least ``n``."""
+
+    def __post_init__(self) -> None:
+        require(self.n >= 1, f"sampling.n = {self.n}: at least one sample per prompt")
+        require(self.temperature >= 0, f"sampling.temperature = {self.temperature}: must be ≥ 0 (0 is greedy)")
+        require(0 < self.top_p <= 1, f"sampling.top_p = {self.top_p}: must be in (0, 1]")
+        require(self.max_new_tokens >= 1, f"sampling.max_new_tokens = {self.max_new_tokens}: must be ≥ 1")
+        require(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            f"sampling.min_new_tokens = {self.min_new_tokens}: must be in [0, max_new_tokens = {self.max_new_tokens}]",
+        )
+        require(self.batch_size >= 1, f"sampling.batch_size = {self.batch_size}: must be ≥ 1")
 
 
 @dataclass
@@ -99,8 +110,6 @@ def sample_responses(
     """``config.n`` samples of every tokenised prompt, in the prompts' order (batched longest first, so a
     batch's prompts are of similar length; ``sort`` false keeps the given order, for comparison).
     ``synced_gpus``: every process of a sharded model steps until all are done (``generate``'s lockstep)."""
-    if config.n < 1:
-        raise UserError(f"sampling n = {config.n}: at least one sample per prompt")
     eos = tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p])) if sort else list(range(len(prompts)))
     out: list[list[Sample | None]] = [[None] * config.n for _ in prompts]

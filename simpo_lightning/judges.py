@@ -138,14 +138,15 @@ class RewardModelJudge(Judge):
 
         from simpo_lightning.model import from_pretrained
 
-        self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "judge tokenizer")
+        option = "judge (RewardModelJudge) name_or_path"
+        self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "tokenizer", option)
         if format == "chat" and not self.tokenizer.chat_template:
             raise UserError(
                 f"reward model {name_or_path}: its tokenizer has no chat template, so conversations "
                 "cannot be rendered the way it was trained; set one in its tokenizer_config.json"
             )
         self.model = from_pretrained(
-            AutoModelForSequenceClassification, name_or_path, "reward model", dtype=getattr(torch, dtype)
+            AutoModelForSequenceClassification, name_or_path, "reward model", option, dtype=getattr(torch, dtype)
         ).eval()
         # Pad with the id the model's head skips: its config's (how it was trained), else the tokenizer's.
         pad = self.model.config.pad_token_id

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simpo_lightning.errors import require
+
 log = logging.getLogger(__name__)
 
 LossType = Literal["sigmoid", "hinge"]
@@ -354,6 +356,29 @@ class LossConfig:
     """kto: λ_D, weight of desirable examples (default 1)."""
     undesirable_weight: float | None = None
     """kto: λ_U, weight of undesirable examples (default 1)."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.beta is None or self.beta > 0,
+            f"model.loss.beta = {self.beta}: must be > 0 (β ≤ 0 inverts or removes the preference)",
+        )
+        ratio = self.gamma_beta_ratio
+        require(
+            isinstance(ratio, str) or ratio is None or ratio >= 0,
+            f"model.loss.gamma_beta_ratio = {ratio}: must be ≥ 0, auto or adaptive",
+        )
+        smoothing = self.label_smoothing
+        require(
+            smoothing is None or 0 <= smoothing < 0.5, f"model.loss.label_smoothing = {smoothing}: must be in [0, 0.5)"
+        )
+        for name in ("max_gamma_beta_ratio", "rdpo_alpha", "sft_weight", "desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, f"model.loss.{name} = {value}: must be ≥ 0")
+        require(
+            self.auto_pairs is None or self.auto_pairs >= 1, f"model.loss.auto_pairs = {self.auto_pairs}: must be ≥ 1"
+        )
+        decay = self.margin_decay
+        require(decay is None or 0 <= decay < 1, f"model.loss.margin_decay = {decay}: must be in [0, 1)")
 
     def method(self) -> Method:
         return LOSSES[self.name]

@@ -82,9 +82,9 @@ class Margin(nn.Module):
     def __init__(self, mode: MarginMode, max_ratio: float, decay: float, spread: float):
         super().__init__()
         if mode not in ("auto", "adaptive"):
-            raise ValueError(f"gamma_beta_ratio must be a number, 'auto' or 'adaptive', got {mode!r}")
+            raise UserError(f"gamma_beta_ratio must be a number, 'auto' or 'adaptive', got {mode!r}")
         if not 0 <= decay < 1 or max_ratio < 0:
-            raise ValueError(
+            raise UserError(
                 f"margin_decay must be in [0, 1) and max_gamma_beta_ratio at least 0, got {decay}, {max_ratio}"
             )
         self.mode, self.max_ratio, self.decay, self.spread = mode, max_ratio, decay, spread
@@ -152,7 +152,9 @@ def set_auto_margin(module, pairs: int | None) -> None:
         return
     datamodule = getattr(trainer, "datamodule", None)
     if getattr(datamodule, "splits", None) is None or "train" not in datamodule.splits:
-        raise ValueError("gamma_beta_ratio auto needs a PreferenceDataModule with training data (it scores its pairs)")
+        raise UserError(
+            "model.loss.gamma_beta_ratio auto needs a PreferenceDataModule with training data (it scores its pairs)"
+        )
     hp = datamodule.hparams
     collate = PreferenceCollator(module.tokenizer.pad_token_id, hp.shared_prompt)
     with trainer.precision_plugin.forward_context():  # as the training steps will score

@@ -86,12 +86,25 @@ class LoraConfig:
     """Module names to adapt; ``all-linear`` is every linear layer but the output head."""
 
 
+def looks_local(source: str) -> bool:
+    """Whether a model source names a file or folder on this machine rather than a hub id (``owner/name``)."""
+    return (
+        source.endswith(".ckpt") or Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+    )
+
+
+def check_model_source(source: str | None, option: str) -> None:
+    """A one-line error, naming ``option``, for a checkpoint or model folder that is not there (hub ids are
+    checked when they load)."""
+    if source is not None and looks_local(source) and not Path(source).expanduser().exists():
+        raise UserError(f"{option} {source}: no such checkpoint or model folder")
+
+
 def resolve_source(cfg: PolicyConfig) -> tuple[str, str | None]:
     """Return ``(name_or_path, gguf_file)``, filling in the built-in default model."""
     if cfg.name_or_path is not None:
         path = str(Path(cfg.name_or_path).expanduser())
-        looks_local = Path(path).is_absolute() or path.startswith(".") or path.count("/") > 1
-        if looks_local and not Path(path).exists():
+        if looks_local(path) and not Path(path).exists():
             raise UserError(
                 f"model.policy.name_or_path: no such folder {path}; give a model folder, a hub id, "
                 "or null for the built-in SmolLM2"
@@ -112,21 +125,23 @@ def resolve_source(cfg: PolicyConfig) -> tuple[str, str | None]:
     return str(folder), DEFAULT_GGUF
 
 
-def model_folder(cfg: PolicyConfig) -> str:
-    """An ordinary model folder or hub id to load from: a GGUF source becomes its cached float copy."""
+def model_folder(cfg: PolicyConfig, weights: bool = True) -> str:
+    """An ordinary model folder or hub id to load from: a GGUF source becomes its cached float copy (without
+    ``weights``: a folder of its config and tokenizer only)."""
     path, gguf_file = resolve_source(cfg)
-    return float_copy(path, gguf_file) if gguf_file is not None else path
+    return float_copy(path, gguf_file, weights) if gguf_file is not None else path
 
 
-def from_pretrained(loader, path: str, what: str, **kwargs):
-    """``loader.from_pretrained(path, **kwargs)``, with a one-line error when ``path`` cannot be loaded."""
+def from_pretrained(loader, path: str, what: str, option: str = "model.policy.name_or_path", **kwargs):
+    """``loader.from_pretrained(path, **kwargs)``, with a one-line error naming ``option`` when ``path`` cannot be
+    loaded."""
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as error:  # transformers reports missing files, folders and unreachable hub ids so
+        default = ", or null for the built-in SmolLM2" if option == "model.policy.name_or_path" else ""
         raise UserError(
-            f"model.policy.name_or_path {path!r}: cannot load its {what} ({one_line(error)[:300]}); give a "
-            "folder holding a transformers model, a hub id (the hub must be reachable), or null for "
-            "the built-in SmolLM2"
+            f"{option} {path!r}: cannot load its {what} ({one_line(error)[:300]}); give a folder holding a "
+            f"transformers model or a hub id (the hub must be reachable){default}"
         ) from error
 
 
@@ -134,7 +149,7 @@ def load_tokenizer(cfg: PolicyConfig):
     """Load the tokenizer; a missing pad token falls back to the end-of-sequence token."""
     from transformers import AutoTokenizer
 
-    path = model_folder(cfg)
+    path = model_folder(cfg, weights=False)
     tokenizer = from_pretrained(AutoTokenizer, path, "tokenizer")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -154,24 +169,24 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None, head: Literal["caus
     which reads the score at the last token that is not padding; with LoRA the head is trained and saved too)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = model_folder(cfg)
+    path = model_folder(cfg, weights=not cfg.random_init)
     dtype = getattr(torch, cfg.dtype)
     config = from_pretrained(AutoConfig, path, "config")
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
-            raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+            raise UserError(f"model.policy.config_overrides: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
     auto = AutoModelForCausalLM
     if head == "reward":
         auto, config.num_labels = AutoModelForSequenceClassification, 1
     if cfg.quantization is not None:
         if lora is None:
-            raise ValueError(
-                "policy.quantization needs LoRA: quantized weights are frozen, only adapters can train (QLoRA)"
+            raise UserError(
+                "model.policy.quantization needs LoRA: quantized weights are frozen, only adapters can train (QLoRA)"
             )
         if cfg.random_init:
-            raise ValueError(
-                "policy.quantization loads saved weights; random_init has none (save the random model first)"
+            raise UserError(
+                "model.policy.quantization loads saved weights; random_init has none (save the random model first)"
             )
         # transformers cannot combine GGUF and bitsandbytes: a GGUF source loads from its float copy
         model = load_quantized(path, cfg.quantization, cfg.dtype, cfg.attn_implementation, config, auto)
@@ -215,7 +230,12 @@ def read_checkpoint(ckpt_path: str) -> dict:
             f"{path} is a sharded (distributed) checkpoint; train with ModelParallelStrategy("
             "save_distributed_checkpoint=False) to get a single file, or consolidate it first"
         )
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError) as error:  # torch's words for a file it cannot read as a checkpoint
+        raise UserError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {one_line(error)[:200]}"
+        ) from error
 
 
 def load_checkpoint_weights(model: nn.Module, ckpt_path: str) -> None:
@@ -286,7 +306,7 @@ def save_random_model(folder: str | Path, overrides: dict[str, Any], seed: int =
     everything that loads saved weights only, such as bitsandbytes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_folder(PolicyConfig()))
+    config = AutoConfig.from_pretrained(model_folder(PolicyConfig(), weights=False))
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(seed)

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from simpo_lightning.batch import PairBatch, Sequences, UnpairedBatch
+from simpo_lightning.errors import UserError
 from simpo_lightning.losses import LossConfig, kto_kl
 from simpo_lightning.margin import set_auto_margin
 from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer
@@ -79,7 +80,7 @@ class SimPOModule(TrainingModule):
         self.method, self.loss_hparams, self.sft_weight = loss.method(), loss.hparams(), loss.nll_weight()
         self.margin = loss.margin()  # gamma_beta_ratio auto or adaptive: its state, kept in checkpoints
         if reference.precompute and self.method.reference and not self.method.paired:
-            raise ValueError(
+            raise UserError(
                 f"reference.precompute does not apply to {loss.name}: its KL term pairs each prompt "
                 "with another example's completion, which changes with every batch"
             )
@@ -105,7 +106,7 @@ class SimPOModule(TrainingModule):
         """Loss and per-example metrics (``[B]`` each) for one batch."""
         if self.method.paired:
             if not isinstance(batch, PairBatch):
-                raise ValueError(
+                raise UserError(
                     f"loss {self.loss_config.name!r} needs paired data (prompt, chosen, rejected); "
                     "this batch holds unpaired completions, which only kto uses"
                 )
@@ -214,7 +215,7 @@ class SimPOModule(TrainingModule):
         if not (self.method.reference and self.reference.config.precompute and datamodule is not None):
             return
         if getattr(datamodule, "splits", None) is None:
-            raise ValueError("reference.precompute needs a PreferenceDataModule (it scores the data's splits)")
+            raise UserError("model.reference.precompute needs a PreferenceDataModule (it scores the data's splits)")
         self.precompute_reference(datamodule)
 
     def on_fit_start(self) -> None:

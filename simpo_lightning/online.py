@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from simpo_lightning import rl
 from simpo_lightning.batch import PairBatch, pad_right
 from simpo_lightning.data.prompts import PromptBatch
-from simpo_lightning.errors import UserError
+from simpo_lightning.errors import UserError, require
 from simpo_lightning.generation import SamplingConfig, derived_seed, sample_responses
 from simpo_lightning.judges import Judge, Prompt, RuleJudge
 from simpo_lightning.model import LoraConfig, PolicyConfig, QuantizationConfig, build_policy, load_tokenizer
@@ -90,6 +90,15 @@ class OnlineConfig:
     """Clip the gradient's global norm before each optimizer step; None: no clipping."""
     log_completions_steps: int = 10
     """Every this many rollouts, a W&B table of the first prompts' completions; 0: never."""
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "epsilon", "epsilon_high"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, f"model.method.{name} = {value}: must be ≥ 0")
+        for name in ("num_iterations", "updates_per_rollout", "micro_batch_size"):
+            require(getattr(self, name) >= 1, f"model.method.{name} = {getattr(self, name)}: must be ≥ 1")
+        norm = self.max_grad_norm
+        require(norm is None or norm > 0, f"model.method.max_grad_norm = {norm}: must be > 0, or null for no clipping")
 
 
 @dataclass

@@ -78,8 +78,9 @@ def generate(
     """
     from lightning.fabric import Fabric
 
-    from simpo_lightning.model import inference_policy
+    from simpo_lightning.model import check_model_source, inference_policy
 
+    check_model_source(model, "--model")
     fabric = Fabric(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto")
     fabric.launch()
     policy, tokenizer = inference_policy(model, gguf_file)
@@ -161,6 +162,10 @@ def pairs(generations: str, output: str, judge: Judge, batch_size: int = 256) ->
     rows = read_jsonl(Path(generations))
     if not rows:
         raise UserError(f"{generations}: no generations (run generate first)")
+    for number, row in enumerate(rows, 1):  # another tool's file may lack what generate writes beside these
+        responses = row.get("responses") if isinstance(row, dict) else None
+        if "prompt" not in row or not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise DataError(f"{generations}:{number}: a row needs 'prompt' and 'responses' (a list of strings)")
     if min(len(r["responses"]) for r in rows) < 2:
         raise UserError(
             f"{generations}: pairs need at least 2 responses per prompt (generate with --sampling.n 2 or more)"
@@ -172,14 +177,14 @@ def pairs(generations: str, output: str, judge: Judge, batch_size: int = 256) ->
         scores += judge(
             [rows[i]["prompt"] for i, _ in chunk],
             [rows[i]["responses"][k] for i, k in chunk],
-            [rows[i]["reference"] for i, _ in chunk],
+            [rows[i].get("reference") for i, _ in chunk],
         )
     by_prompt: dict[int, list[float]] = {}
     for (i, _), score in zip(flat, scores):
         by_prompt.setdefault(i, []).append(score)
     kept, counts = [], Counter()
     for i, row in enumerate(rows):
-        responses, values = row["responses"], by_prompt[i]
+        responses, values, tokens = row["responses"], by_prompt[i], row.get("response_tokens")
         if len(set(responses)) == 1:
             counts["identical responses"] += 1
             continue
@@ -197,24 +202,28 @@ def pairs(generations: str, output: str, judge: Judge, batch_size: int = 256) ->
                 "rejected": as_response(responses[worst]),
                 "chosen_score": values[best],
                 "rejected_score": values[worst],
-                "reference": row["reference"],
-                "chosen_tokens": row["response_tokens"][best],
-                "rejected_tokens": row["response_tokens"][worst],
+                "reference": row.get("reference"),
+                "chosen_tokens": tokens[best] if tokens else None,
+                "rejected_tokens": tokens[worst] if tokens else None,
             }
         )
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    lengths = [t for r in rows for t in r["response_tokens"]]
     summary = {
         "prompts": len(rows),
         "pairs": len(kept),
         "kept_share": len(kept) / len(rows),
         **dict(counts),
         "mean_score": sum(scores) / len(scores),
-        "mean_tokens": sum(lengths) / len(lengths),
-        "mean_chosen_tokens": sum(r["chosen_tokens"] for r in kept) / max(1, len(kept)),
-        "mean_rejected_tokens": sum(r["rejected_tokens"] for r in kept) / max(1, len(kept)),
+        "mean_tokens": _mean([t for r in rows for t in r.get("response_tokens") or []]),
+        "mean_chosen_tokens": _mean([r["chosen_tokens"] for r in kept if r["chosen_tokens"] is not None]),
+        "mean_rejected_tokens": _mean([r["rejected_tokens"] for r in kept if r["rejected_tokens"] is not None]),
     }
     print(f"wrote {len(kept)} pairs of {len(rows)} prompts to {out}: " + json.dumps(summary), flush=True)
     return summary
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean, or None for no values (token counts of a file that does not record them)."""
+    return sum(values) / len(values) if values else None

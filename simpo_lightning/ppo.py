@@ -37,7 +37,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from simpo_lightning import rl
-from simpo_lightning.errors import UserError
+from simpo_lightning.errors import UserError, require
 from simpo_lightning.generation import SamplingConfig
 from simpo_lightning.judges import Judge
 from simpo_lightning.model import LoraConfig, PolicyConfig, build_policy, without_peft
@@ -71,6 +71,13 @@ class PPOConfig(OnlineConfig):
     """Subtracted from the score of a completion without end-of-sequence; None: no penalty."""
     value_model: str | None = None
     """A reward model (folder or hub id) to start the value model from; None: the policy with a zero head."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("gamma", "lam"):
+            require(0 <= getattr(self, name) <= 1, f"model.method.{name} = {getattr(self, name)}: must be in [0, 1]")
+        for name in ("kl_coef", "cliprange_value", "vf_coef"):
+            require(getattr(self, name) >= 0, f"model.method.{name} = {getattr(self, name)}: must be ≥ 0")
 
 
 torch.serialization.add_safe_globals([PPOConfig])  # recorded in checkpoints' hyperparameters

@@ -59,7 +59,7 @@ def rounds(
         raise UserError(f"rounds = {rounds}: at least one round")
     home = Path(run_dir) / name
     judge = judge if judge is not None else RuleJudge()
-    base = _base_policy(fit_config)
+    base = _base_policy(fit_config, fit_args)
     results = []
     for k in range(1, rounds + 1):
         folder = home / f"round-{k}"
@@ -94,13 +94,25 @@ def rounds(
     return results
 
 
-def _base_policy(fit_config: str) -> tuple[str | None, str | None]:
-    """``name_or_path`` and ``gguf_file`` of the fit config's policy (plain or ``init_args`` form)."""
-    path = Path(fit_config)
-    if not path.is_file():
+def _base_policy(fit_config: str, fit_args: list[str]) -> tuple[str | None, str | None]:
+    """``name_or_path`` and ``gguf_file`` of the policy that round 1's fit trains: the fit config's, with
+    ``fit_args`` applied, resolved as ``fit`` resolves them (so round 1 samples from the model it trains)."""
+    import contextlib
+    import io
+
+    from simpo_lightning.cli import cli_main
+
+    if not Path(fit_config).is_file():
         raise UserError(f"fit_config {fit_config}: no such file")
-    model = (yaml.safe_load(path.read_text()) or {}).get("model", {})
-    policy = model.get("init_args", model).get("policy", {})
+    printed = io.StringIO()
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(printed):
+        cli_main(["fit", "--config", fit_config, *fit_args, "--print_config"])
+    policy = yaml.safe_load(printed.getvalue())["model"]["init_args"]["policy"]
+    if policy.get("random_init"):
+        raise UserError(
+            f"{fit_config}: rounds sample from the model each round trains, and random_init weights are made anew "
+            "by every fit; save the random model first and give its folder as model.policy.name_or_path"
+        )
     return policy.get("name_or_path"), policy.get("gguf_file")
 
 

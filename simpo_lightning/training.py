@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from simpo_lightning.errors import UserError
+from simpo_lightning.errors import UserError, require
 from simpo_lightning.model import shard
 from simpo_lightning.optim import OptimizerInBackward
 
@@ -61,8 +61,9 @@ class TrainingModule(L.LightningModule):
         if self.device_mesh is None:
             return model
         if self.policy.quantization is not None:
-            raise ValueError(
-                "policy.quantization cannot be combined with ModelParallelStrategy (bitsandbytes weights do not shard)"
+            raise UserError(
+                "model.policy.quantization cannot be combined with ModelParallelStrategy (bitsandbytes weights do not "
+                "shard); use one device, or no quantization"
             )
         return shard(model, self.device_mesh["data_parallel"])
 
@@ -93,6 +94,14 @@ class TrainingModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(batch, "test")
 
+    def setup(self, stage: str) -> None:
+        """The shared settings, checked before anything is loaded or trained."""
+        hp = self.hparams
+        require(0 <= hp.warmup_ratio < 1, f"model.warmup_ratio = {hp.warmup_ratio}: must be in [0, 1)")
+        require(hp.max_nonfinite_steps >= 1, f"model.max_nonfinite_steps = {hp.max_nonfinite_steps}: must be ≥ 1")
+        chunk = hp.get("logits_chunk")
+        require(chunk is None or chunk >= 1, f"model.logits_chunk = {chunk}: must be ≥ 1, or null for full logits")
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.hparams.get("optimizer_in_backward"):
@@ -100,6 +109,8 @@ class TrainingModule(L.LightningModule):
             optimizer = OptimizerInBackward(params, self.optimizer)
         else:
             optimizer = self.optimizer(params)
+        rates = [group["lr"] for group in optimizer.param_groups]
+        require(all(rate > 0 for rate in rates), f"model.optimizer: learning rate {min(rates)}: must be > 0")
         schedule, estimated = self.hparams.lr_schedule, self.trainer.estimated_stepping_batches
         if not math.isfinite(estimated):  # no step limit (a run bounded by trainer.max_time only)
             if self.hparams.warmup_ratio or schedule != "constant":
@@ -154,7 +165,7 @@ class TrainingModule(L.LightningModule):
         }
         found = [name for name, present in conflicts.items() if present]
         if found:
-            raise ValueError(
+            raise UserError(
                 f"model.optimizer_in_backward needs every gradient only once, at its own step; it cannot "
                 f"be combined with {', '.join(found)}"
             )
@@ -172,7 +183,7 @@ class TrainingModule(L.LightningModule):
             self.nonfinite_steps,
         )
         if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
-            raise RuntimeError(
+            raise UserError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row: lower the learning rate, use float32 or "
                 "bf16-mixed instead of 16-mixed, or check the data"
             )

@@ -52,6 +52,7 @@ from simpo_lightning.module import SimPOModule
 from simpo_lightning.reference import ReferenceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 VOCAB = 49152  # SmolLM2's vocabulary: the longest reduction of a step (the log-softmax)
 TINY_LORA = LoraConfig(r=4, alpha=8)
@@ -172,6 +173,16 @@ class Interrupt(L.Callback):
             raise KeyboardInterrupt("interrupted for the test")
 
 
+class StepsTaken(L.Callback):
+    """Records ``global_step`` at the start of each training batch: where a (resumed) run began, and how far."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.steps.append(trainer.global_step)
+
+
 def snapshot(module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
@@ -227,16 +238,76 @@ def tiny_args(tiny_dir: str, save_dir: Path, *extra: str, config: str = "tiny.ya
     ]
 
 
-def run_command(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """The real ``simpo-lightning`` command in a subprocess, without W&B settings or ~/.netrc (HOME is
-    ``cwd``), so W&B must fall back to offline by itself; ``check`` asserts exit status 0. The model
-    cache stays the session's, so the default model is not de-quantized again in every new HOME."""
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("simpo-lightning"))
+
+# The process behind ``run_command``: it imports the command once, then forks a child for each run, which sets
+# its argv, working folder, environment and output files as a new process would and calls the console
+# script's function; importing torch, Lightning and transformers takes seconds a process, on a slow CPU
+# twice that. Nothing has run a computation in it before a fork (no thread pool to copy half-alive).
+FORK_SERVER = r"""
+import json, os, sys
+import simpo_lightning.cli, simpo_lightning.module, simpo_lightning.online, simpo_lightning.ppo, peft
+from simpo_lightning.cli import main
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(job["cwd"])
+        os.environ.clear()
+        os.environ.update(job["env"])
+        sys.path[:0] = [p for p in job["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [job["script"], *job["args"]]
+        code = 0
+        try:
+            main()
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        import atexit
+        atexit._run_exitfuncs()  # what the interpreter runs at exit (W&B finishes its run there)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+"""
+_server: subprocess.Popen | None = None
+
+
+def run_command(
+    args: list[str], cwd: Path, check: bool = True, fresh: bool = False, **env: str
+) -> subprocess.CompletedProcess:
+    """The ``simpo-lightning`` command in a process of its own, without W&B settings or ~/.netrc (HOME is ``cwd``),
+    so W&B must fall back to offline by itself; ``check`` asserts exit status 0. The model cache stays the
+    session's, so the default model is not de-quantized again in every new HOME. The process is a fork of one
+    that has imported the command (``FORK_SERVER``); ``fresh`` runs the installed console script itself."""
+    global _server
     from simpo_lightning.cache import CACHE_ENV, cache_root
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(cwd)}
     environment |= {CACHE_ENV: str(cache_root())} | env
-    command = [str(Path(sys.executable).with_name("simpo-lightning")), *args]
-    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+    if fresh:
+        result = subprocess.run(
+            [CONSOLE_SCRIPT, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
+        )
+    else:
+        if _server is None or _server.poll() is not None:
+            _server = subprocess.Popen(
+                [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+        out, err = Path(cwd) / f".run-{os.getpid()}.out", Path(cwd) / f".run-{os.getpid()}.err"
+        job = {"args": args, "cwd": str(cwd), "env": environment, "stdout": str(out), "stderr": str(err)}
+        _server.stdin.write(json.dumps({**job, "script": CONSOLE_SCRIPT}) + "\n")
+        _server.stdin.flush()
+        code = json.loads(_server.stdout.readline())
+        result = subprocess.CompletedProcess(args, code, out.read_text(), err.read_text())
+        out.unlink()
+        err.unlink()
     assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -10,29 +10,13 @@ from helpers import ROOT, tiny_model_args
 
 @pytest.mark.slow
 def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks/vs_trl.py"),
-        "--tiny",
-        "--steps",
-        "2",
-        "--precisions",
-        "32",
-        "--tunings",
-        "full",
-        "--lean",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    """TRL, ours and ours with DPO, each in its own process, then the ratios and the padding report. (The
+    ``--lean`` variants are the settings of configs/lean.yaml, which tests/test_configs.py runs.)"""
+    command = [sys.executable, str(ROOT / "benchmarks/vs_trl.py"), "--tiny", "--steps", "2", "--precisions", "32"]
+    result = subprocess.run([*command, "--tunings", "full"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| full 32")]
-    assert [row[0] for row in table] == [
-        "| full 32 trl",
-        "| full 32 ours",
-        "| full 32 ours dpo",
-        "| full 32 ours +lean",
-        "| full 32 ours dpo +lean",
-        "| full 32 trl +freed-memory",
-    ]
+    assert [row[0] for row in table] == ["| full 32 trl", "| full 32 ours", "| full 32 ours dpo"]
     assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in table)  # pairs/s, peak RSS
     assert (
         "SimPO / DPO (frozen reference copy)" in result.stdout
@@ -54,6 +38,8 @@ def test_gpu_7b_script_runs_on_cpu_at_tiny_size():
         "--lengths",
         "64",
         "128",
+        "--architectures",
+        "llama-3-8b",  # the other is the same code on another config.json
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -62,7 +48,7 @@ def test_gpu_7b_script_runs_on_cpu_at_tiny_size():
         for line in result.stdout.splitlines()
         if line.startswith("| mistral-7b") or line.startswith("| llama-3-8b")
     ]
-    assert len(rows) == 10 and all(float(row[6]) > 0 for row in rows)  # tokens/s of every run
+    assert len(rows) == 5 and all(float(row[6]) > 0 for row in rows)  # tokens/s of every run
 
 
 def test_mfu_counts_lora_as_4n_and_refuses_to_print_more_than_the_peak():
@@ -77,25 +63,26 @@ def test_mfu_counts_lora_as_4n_and_refuses_to_print_more_than_the_peak():
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """One of its four runs, a ``fit`` process as every run: FSDP2 with one device (LoRA is every other test's
+    setting, and tests/test_weights.py trains 8- and 4-bit QLoRA through the same command options)."""
     command = [sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--cpu", "--steps", "1", "--batch_size", "2"]
+    command += ["--runs", "fsdp-1-device-full"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith("| ok |")]
-    assert [row.split(" | ")[0][2:] for row in rows] == ["lora", "qlora-8bit", "qlora-4bit", "fsdp-1-device-full"]
+    assert [row.split(" | ")[0][2:] for row in rows] == ["fsdp-1-device-full"]
 
 
 @pytest.mark.slow
-def test_margin_sensitivity_runs_every_kind_of_margin(tiny_dir, tmp_path):
+def test_margin_sensitivity_runs_and_reports_the_margin_it_trained_with(tiny_dir, tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks/margin_sensitivity.py"), "--settings", "demo", "--margins"]
-    command += ["0.5", "auto", "adaptive", "--workdir", str(tmp_path), "--demo_config", "configs/tiny.yaml"]
+    command += ["auto", "--workdir", str(tmp_path), "--demo_config", "configs/tiny.yaml"]
     command += ["--", *tiny_model_args(tiny_dir), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
     command += ["--data.cache_dir", "null", "--model.loss.auto_pairs", "16"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")}
-    trained = {margin: float(rows[margin][5]) for margin in ("0.5", "auto", "adaptive")}
-    assert trained["0.5"] == 0.5 and trained["auto"] > 0 and trained["adaptive"] >= 0
-    assert all(float(rows[m][6]) > 0 for m in trained)  # the monitor's answer lengths
+    assert float(rows["auto"][5]) > 0 and float(rows["auto"][6]) > 0  # the γ/β it set; the monitor's answer lengths
 
 
 @pytest.mark.slow
@@ -114,14 +101,13 @@ def test_vs_trl_grpo_harness_runs_both_sides(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_methods_gives_online_methods_the_same_budget(tiny_dir, tmp_path):
-    """The notes' comparison path: a wall-clock budget per fit, online methods from their demo configs."""
-    command = [sys.executable, str(ROOT / "benchmarks/compare_methods.py"), "--methods", "grpo", "ppo"]
-    command += ["--budget", "0.1", "--workdir", str(tmp_path), "--", *tiny_model_args(tiny_dir)]
+def test_compare_methods_gives_an_online_method_its_budget(tiny_dir, tmp_path):
+    """The notes' comparison path: a wall-clock budget per fit, an online method from its demo config (PPO: its
+    value model is a column of its own)."""
+    command = [sys.executable, str(ROOT / "benchmarks/compare_methods.py"), "--methods", "ppo"]
+    command += ["--budget", "0.02", "--workdir", str(tmp_path), "--", *tiny_model_args(tiny_dir)]
     command += ["--model.sampling.max_new_tokens", "3", "--data.cache_dir", "null", "--data.batch_size", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| grpo", "| ppo"))]
-    assert len(rows) == 2 and "value model" in rows[1]
-    steps = [int(row.split(" | ")[3]) for row in rows]
-    assert all(s >= 1 for s in steps)  # at least one rollout each inside 6 seconds, then stopped by max_time
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| ppo")]
+    assert "value model" in row and int(row.split(" | ")[3]) >= 1  # a rollout at least, then stopped by max_time (1 s)

@@ -1,5 +1,7 @@
 import multiprocessing
 
+import pytest
+
 from simpo_lightning.cache import build_once
 
 
@@ -24,12 +26,9 @@ def test_an_entry_is_built_once_by_one_of_two_processes_and_appears_whole(tmp_pa
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path):
-    try:
-        with build_once(tmp_path / "entry") as building:
-            building.write_text("partial")
-            raise RuntimeError("the build broke")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError, match="the build broke"), build_once(tmp_path / "entry") as building:
+        building.write_text("partial")
+        raise RuntimeError("the build broke")
     assert not (tmp_path / "entry").exists() and not list(tmp_path.glob("entry.tmp-*"))
     with build_once(tmp_path / "entry") as building:
         assert building is not None  # tried again

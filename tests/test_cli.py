@@ -9,17 +9,18 @@ import torch
 import yaml
 
 from simpo_lightning.cli import COMMANDS, cli_main, main
-from simpo_lightning.losses import LOSSES
 
 from helpers import (
     EVERY_STEP_CHECKPOINT,
     ROOT,
+    TESTS,
     TWO_PROCESSES,
     assert_rounding_close,
     csv_losses,
     run_command,
     tiny_args,
     wandb_history,
+    write_jsonl,
 )
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -130,14 +131,48 @@ def test_the_hh_config_asks_for_its_data_file(capsys):
     assert exit.value.code == 2 and "data.train_data is required" in capsys.readouterr().err
 
 
-def test_the_command_lists_every_command_and_each_takes_a_config(tmp_path, capsys):
+COMMAND_NAMES = ["fit", "validate", "test", "evaluate", "export", "generate", "pairs", "rounds"]
+
+
+def test_the_overview_lists_every_command_and_each_one_answers_help(capsys):
     main(["--help"])
     overview = capsys.readouterr().out
-    assert "fit, validate, test, predict" in overview and all(name in overview for name in COMMANDS)
-    (tmp_path / "export.yaml").write_text(f"ckpt_path: {tmp_path}/none.ckpt\noutput_dir: {tmp_path}/out\n")
+    trainer_line, *others = [line for line in overview.splitlines() if line.startswith("  ")]
+    listed = [name.strip() for name in trainer_line.split(",")] + [line.split()[0] for line in others]
+    assert sorted(listed) == sorted(COMMAND_NAMES)
+    assert "predict" not in overview  # nothing implements it: generate answers prompts
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit:
+            main([name, "--help"])
+        assert exit.value.code == 0 and f"usage: simpo-lightning {name}" in capsys.readouterr().out
+
+
+# Each registered command with an options file, and what its error must say: proof the file's values arrived.
+CONFIG_FILE_CASES = [
+    ("export", "ckpt_path: {tmp}/none.ckpt\noutput_dir: {tmp}/out\n", "{tmp}/none.ckpt: no such checkpoint"),
+    ("generate", "prompts: demo\noutput: {tmp}/g.jsonl\nmodel: {tmp}/m\n", "--model {tmp}/m: no such checkpoint"),
+    (
+        "pairs",
+        "generations: {tmp}/g.jsonl\noutput: {tmp}/p.jsonl\njudge: RuleJudge\n",
+        "{tmp}/g.jsonl: no generations",
+    ),
+    ("rounds", "fit_config: {tmp}/fit.yaml\n", "fit_config {tmp}/fit.yaml: no such file"),
+    ("evaluate", "candidates: [{tmp}/c.ckpt]\n", "{tmp}/c.ckpt: no such checkpoint or model folder"),
+]
+
+
+@pytest.mark.parametrize("name, yaml_text, said", CONFIG_FILE_CASES)
+def test_each_registered_command_takes_its_options_from_a_config_file(name, yaml_text, said, tmp_path, capsys):
+    """Each option in the file reached the command: its error names the file's value."""
+    assert name in COMMANDS
+    (tmp_path / "options.yaml").write_text(yaml_text.format(tmp=tmp_path))
     with pytest.raises(SystemExit) as exit:
-        main(["export", "--config", str(tmp_path / "export.yaml")])  # the options came from the file
-    assert exit.value.code == 2 and f"{tmp_path}/none.ckpt: no such checkpoint" in capsys.readouterr().err
+        main([name, "--config", str(tmp_path / "options.yaml")])
+    assert exit.value.code == 2 and said.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_every_registered_command_has_a_config_file_case():
+    assert sorted(name for name, _, _ in CONFIG_FILE_CASES) == sorted(COMMANDS)
 
 
 @pytest.mark.slow
@@ -186,20 +221,6 @@ def test_fit_validate_test_end_to_end(tmp_path, capsys, monkeypatch):
         assert f"{prefix}/rewards/accuracies" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_every_method_fits_through_the_command(name, tiny_dir, tmp_path):
-    method = ["--model.loss.name", name, "--model.loss.gamma_beta_ratio", "null", "--model.loss.beta", "null"]
-    steps = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "3"]
-    report = ["--trainer.callbacks", '[{"class_path": "simpo_lightning.callbacks.HeldOutReport"}]']
-    cli_main(["fit", *tiny_args(tiny_dir, tmp_path, *method, *steps, *report)])
-    rows = list(csv.DictReader((tmp_path / "run/version_0/metrics.csv").open()))
-    last = {k: float(v) for r in rows for k, v in r.items() if v}
-    wanted = ["train/loss", "train/rewards/chosen", "train/step_seconds", "val/loss", "val/rewards/accuracies"]
-    for key in [*wanted, "heldout/after/rewards/accuracies"]:
-        assert key in last and last[key] == last[key], key
-    assert ("train/kl" in last) == (name == "kto")
-
-
 def test_a_module_other_than_simpo_runs_from_its_yaml(tiny_dir, tmp_path):
     """configs/sft.yaml names SFTModule by class_path: it trains on the chosen responses only."""
     steps = ["--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1"]
@@ -212,23 +233,28 @@ def test_a_module_other_than_simpo_runs_from_its_yaml(tiny_dir, tmp_path):
 
 
 def test_resume_after_interruption_continues_the_same_loss_curve(tiny_dir, tmp_path):
-    """Across an epoch boundary too: the demo's 298 training pairs are 38 batches of 8. Resuming is
-    the same arithmetic, so the same losses exactly."""
-    steps = ["--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1", "--data.batch_size", "8"]
+    """Mid-epoch and across an epoch boundary: 20 pairs, 2 of them held out, are 3 batches of 8 (the last of 2)
+    an epoch; the run interrupted in its second step resumes from the checkpoint of step 0, skips the batch it
+    trained on, and goes on into the second epoch. Resuming is the same arithmetic, so the same losses exactly."""
+    rows = [
+        {"prompt": f"Question {i}:" + " word" * (i % 5), "chosen": f" yes {i}", "rejected": " no"} for i in range(20)
+    ]
+    data = ["--data.train_data", str(write_jsonl(tmp_path / "pairs.jsonl", rows)), "--data.batch_size", "8"]
+    steps = ["--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1", *data]
     cli_main(["fit", *tiny_args(tiny_dir, tmp_path / "straight", *steps)])
     straight = csv_losses(tmp_path / "straight/run/version_0/metrics.csv")
-    assert len(straight) == 40
+    assert len(straight) == 6
 
     interrupted = tmp_path / "interrupted"
-    interrupt = {"class_path": "helpers.Interrupt", "init_args": {"step": 17}}
+    interrupt = {"class_path": "helpers.Interrupt", "init_args": {"step": 2}}
     with pytest.raises(SystemExit):  # Lightning turns the interruption into an exit after its teardown
         cli_main(["fit", *tiny_args(tiny_dir, interrupted, *steps), "--trainer.callbacks+", json.dumps(interrupt)])
     # Lightning runs checkpoint callbacks last, so the newest checkpoint is from the step before.
     saved = torch.load(interrupted / "run/version_0/checkpoints/last.ckpt", weights_only=True)
-    assert saved["global_step"] == 16
+    assert saved["global_step"] == 1 and saved["epoch"] == 0
     cli_main(["fit", *tiny_args(tiny_dir, interrupted, *steps), "--ckpt_path", "last"])
     resumed = csv_losses(interrupted / "run/version_1/metrics.csv")
-    assert sorted(resumed) == list(range(16, 40))
+    assert sorted(resumed) == [1, 2, 3, 4, 5]
     assert all(resumed[step] == straight[step] for step in resumed)
 
 
@@ -236,47 +262,43 @@ SIMPO_LORA, DPO_FULL = ("tiny.yaml", []), ("dpo.yaml", ["--model.lora", "null"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, extra", [SIMPO_LORA, DPO_FULL], ids=["simpo-lora", "dpo-full"])
+@pytest.mark.parametrize("config, extra", [SIMPO_LORA, DPO_FULL], ids=["simpo-lora-interrupted", "dpo-full"])
 def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, config, extra):
     """ModelParallelStrategy (FSDP2, gloo on CPU), 2 processes × 2 pairs against 1 process × 4 pairs. FSDP
     trains in float32, so its curve is held to the float32 rule around the one-process run in float64.
-    DPO's two processes precompute the reference log-probs (each half the batches, through the sharded
-    frozen copy) where the one process computes them at every step; one of them writes each cache file."""
+
+    SimPO LoRA: the two processes are interrupted after step 3 (a sharded checkpoint every step) and resumed
+    with ``--ckpt_path last``; the interrupted run and the resumed one together must give the one-process
+    curve, so resuming restores weights, optimizer, schedule and data order. DPO: the two processes
+    precompute the reference log-probs (each half the batches, through the sharded frozen copy) where the
+    one process computes them at every step; one of them writes each cache file."""
     quiet = ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
     steps = ["--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1"]
-    common = tiny_args(tiny_dir, tmp_path, *extra, *steps, *quiet, config=config)
-    run_command(["fit", *common, "--data.batch_size", "4", "--model.policy.dtype", "float64"], tmp_path)
-    precompute = ["--model.reference.precompute", "true", "--data.cache_dir", str(tmp_path / "cache")]
-    # The two-process LoRA run also generates with GenerationMonitor before training: in lockstep (synced_gpus).
-    monitor = {"class_path": "simpo_lightning.monitor.GenerationMonitor", "init_args": {"max_new_tokens": 4}}
-    extra_two = precompute if config == "dpo.yaml" else ["--trainer.callbacks", json.dumps([monitor])]
-    run_command(["fit", *common, "--data.batch_size", "2", *TWO_PROCESSES, *extra_two], tmp_path)
-    if config == "dpo.yaml":  # training and validation pairs (test is the validation set)
+    common = tiny_args(tiny_dir, tmp_path, *extra, *steps, config=config)
+    cli_main(["fit", *common, *quiet, "--data.batch_size", "4", "--model.policy.dtype", "float64"])
+    one = csv_losses(tmp_path / "run/version_0/metrics.csv")
+    two_processes = [*common, "--data.batch_size", "2", *TWO_PROCESSES]
+    if config == "dpo.yaml":
+        precompute = ["--model.reference.precompute", "true", "--data.cache_dir", str(tmp_path / "cache")]
+        run_command(["fit", *two_processes, *quiet, *precompute], tmp_path)
         assert len(list((tmp_path / "cache").glob("ref-*.pt"))) == 2 and not list((tmp_path / "cache").glob("*.tmp-*"))
-    one, two = csv_losses(tmp_path / "run/version_0/metrics.csv"), csv_losses(tmp_path / "run/version_1/metrics.csv")
-    if config == "tiny.yaml":
+        two = csv_losses(tmp_path / "run/version_1/metrics.csv")
+    else:
+        # The interrupted run also generates with GenerationMonitor before training: in lockstep (synced_gpus).
+        monitor = {"class_path": "simpo_lightning.monitor.GenerationMonitor", "init_args": {"max_new_tokens": 4}}
+        interrupt = {"class_path": "helpers.Interrupt", "init_args": {"step": 3}}
+        callbacks = json.dumps([EVERY_STEP_CHECKPOINT, interrupt, monitor])
+        interrupted = run_command(
+            ["fit", *two_processes, "--trainer.callbacks", callbacks], tmp_path, check=False, PYTHONPATH=str(TESTS)
+        )
+        assert interrupted.returncode != 0 and "Detected KeyboardInterrupt" in interrupted.stderr
+        assert (tmp_path / "run/version_1/checkpoints/last.ckpt").is_dir()  # sharded: a folder
         assert "monitor/mean_chars" in (tmp_path / "run/version_1/metrics.csv").read_text()
+        run_command(["fit", *two_processes, "--ckpt_path", "last"], tmp_path)
+        resumed = csv_losses(tmp_path / "run/version_2/metrics.csv")
+        assert sorted(resumed) == [2, 3, 4]  # from the checkpoint of step 2 (checkpoints are saved after callbacks)
+        two = csv_losses(tmp_path / "run/version_1/metrics.csv") | resumed
     assert sorted(one) == sorted(two) == list(range(5))
     assert len(set(one.values())) == 5  # the loss moves, so equal curves mean equal training
     for step in one:
         assert_rounding_close(two[step], one[step], reduction=VOCAB, what=f"step {step}")
-
-
-@pytest.mark.slow
-def test_two_process_fsdp2_resume_continues_the_same_loss_curve(tiny_dir, tmp_path):
-    steps = ["--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1", "--data.batch_size", "2"]
-    common = tiny_args(tiny_dir, tmp_path, *steps, *TWO_PROCESSES)
-    run_command(["fit", *common, "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"], tmp_path)
-    interrupt = {"class_path": "helpers.Interrupt", "init_args": {"step": 4}}
-    callbacks = json.dumps([EVERY_STEP_CHECKPOINT, interrupt])
-    tests = str(ROOT / "tests")
-    interrupted = run_command(
-        ["fit", *common, "--trainer.callbacks", callbacks], tmp_path, check=False, PYTHONPATH=tests
-    )
-    assert interrupted.returncode != 0
-    assert (tmp_path / "run/version_1/checkpoints/last.ckpt").is_dir()  # sharded: a folder
-    run_command(["fit", *common, "--ckpt_path", "last"], tmp_path)  # tiny_args checkpoints every step
-    straight = csv_losses(tmp_path / "run/version_0/metrics.csv")
-    resumed = csv_losses(tmp_path / "run/version_2/metrics.csv")
-    assert sorted(resumed) == [3, 4, 5]
-    assert all(resumed[step] == straight[step] for step in resumed)  # the same arithmetic: the same losses

@@ -5,6 +5,7 @@ import gzip
 import json
 import logging
 import multiprocessing
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +20,7 @@ from simpo_lightning.data import (
     read_source,
 )
 
-from helpers import SHARED_DATA, write_jsonl
+from helpers import ROOT, SHARED_DATA, write_jsonl
 
 ROWS = [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": " b"} for i in range(20)]
 HH = SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz"
@@ -81,7 +82,23 @@ def test_the_store_gives_the_pairs_order_and_skips_of_encoding_in_memory(tokeniz
     assert dm.skipped == skipped + skipped and (source == "demo") == (not skipped)  # train and val read the source
 
 
-def test_the_store_is_built_once_and_keyed_by_content_settings_and_tokenizer(tokenizer, tmp_path, monkeypatch):
+def character_tokenizer(rows: list[dict]):
+    """A tokenizer of another kind than SmolLM2's: one id per character of the rows' text, and an eos."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = sorted({c for row in rows for text in row.values() for c in text})
+    vocab = {"</s>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(characters)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+def stored_pairs(dm: PreferenceDataModule) -> list[dict]:
+    return [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in [*dm.splits["train"], *dm.splits["val"]]]
+
+
+def test_the_store_is_built_once_and_keyed_by_content_settings_and_tokenizer(tokenizer, tmp_path):
     path, cache = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"
     first = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache))
     first.setup()
@@ -95,23 +112,61 @@ def test_the_store_is_built_once_and_keyed_by_content_settings_and_tokenizer(tok
         train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache), truncation=Truncation(64)
     ).setup()
     assert len(stores(cache)) == 2  # other settings, other store
+    characters = character_tokenizer(ROWS)
+    other = PreferenceDataModule(train_data=str(path), tokenizer=characters, cache_dir=str(cache))
+    other.setup()
+    assert len(stores(cache)) == 3  # another tokenizer, another store: its own ids, not the first one's
+    pairs = stored_pairs(other)
+    assert pairs != stored_pairs(first)
+    assert sorted(characters.decode(p["prompt"]).replace(" ", "") for p in pairs) == sorted(r["prompt"] for r in ROWS)
     write_jsonl(path, [*ROWS[:-1], {**ROWS[-1], "chosen": " changed"}])  # same size, other content
     changed = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache))
     changed.setup()
-    assert len(stores(cache)) == 3
-    assert " changed" in {
-        tokenizer.decode(p["chosen"][:-1]) for p in [*changed.splits["train"], *changed.splits["val"]]
-    }
-    # other encoding code (its source hash stands in for an edit here): other store, never the old one
-    import simpo_lightning.data.datamodule as datamodule
-
-    monkeypatch.setattr(datamodule, "encoder_fingerprint", lambda: "edited")
-    PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache)).setup()
     assert len(stores(cache)) == 4
+    assert " changed" in {tokenizer.decode(p["chosen"][:-1]) for p in stored_pairs(changed)}
+
+
+BUILD = """
+import sys
+from transformers import AutoTokenizer
+from simpo_lightning.data import PreferenceDataModule
+from simpo_lightning.data.store import encoder_fingerprint
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[3])
+PreferenceDataModule(train_data=sys.argv[1], tokenizer=tokenizer, cache_dir=sys.argv[2]).setup()
+print(encoder_fingerprint())
+"""
+
+
+@pytest.mark.slow
+def test_the_store_key_follows_the_encoding_code(tiny_dir, tokenizer, tmp_path):
+    """A copy of the package whose encoding module differs by one comment line, run in a fresh interpreter, has
+    another fingerprint and builds its own store beside the one this code built from the same file and
+    tokenizer: stores written by other code are never read. (The same code reads its store again: above.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    from simpo_lightning.data.store import encoder_fingerprint
+
+    path, cache = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"
+    PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache)).setup()
+    assert len(stores(cache)) == 1
+    copy = tmp_path / "edited"
+    shutil.copytree(ROOT / "simpo_lightning", copy / "simpo_lightning")
+    encoding = copy / "simpo_lightning/data/encoding.py"
+    encoding.write_text(encoding.read_text() + "\n# an edit\n")
+    # run in tmp_path: the working folder comes first on the path, before PYTHONPATH
+    command = [sys.executable, "-c", BUILD, str(path), str(cache), tiny_dir]
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.strip()) == 16 and result.stdout.strip() != encoder_fingerprint()
+    assert len(stores(cache)) == 2
 
 
 def test_a_half_written_store_is_never_read(tokenizer, tmp_path, monkeypatch):
-    """A build that fails part-way leaves no store; a temporary folder left by a killed build is ignored."""
+    """A build that fails part-way leaves no store; a temporary folder left by a killed build is ignored, and
+    the store built afterwards holds every pair as encoding in memory gives it."""
     path, cache = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"
     calls = []
     original = PairEncoder.__call__
@@ -132,7 +187,12 @@ def test_a_half_written_store_is_never_read(tokenizer, tmp_path, monkeypatch):
     (cache / f"{store}.tmp-99999" / "part-00000.arrow").write_text("garbage")
     dm = PreferenceDataModule(train_data=str(path), tokenizer=tokenizer, cache_dir=str(cache))
     dm.setup()
-    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 20 and (cache / store / "report.json").is_file()
+    encoder = PairEncoder(tokenizer, Columns(), Truncation(), "auto")
+    expected, _ = encode_rows(read_source(str(path))[0], encoder, str(path), "reference")
+    stored = {p["row"]: p for p in [*dm.splits["train"], *dm.splits["val"]]}
+    assert stored.keys() == {e["row"] for e in expected} and len(stored) == 20
+    assert all({k: stored[e["row"]][k] for k in e} == e for e in expected)
+    assert (cache / store / "report.json").is_file()
 
 
 def prepare_and_read(path: str, cache: str, tokenizer_dir: str, queue) -> None:

@@ -43,10 +43,10 @@ def test_collapse_rules():
 
 
 def test_a_uniform_model_warns_collapse_and_stops(tiny_dir, caplog):
-    """The tiny model with its output head zeroed gives every token the same probability; learning rate 0
-    keeps it so. The first validation warns (once) and, with stop_on, ends training."""
+    """The tiny model with its output head zeroed gives every token the same probability; a learning rate of
+    1e-12 keeps it so. The first validation warns (once) and, with stop_on, ends training."""
     module = SimPOModule(
-        policy=PolicyConfig(name_or_path=tiny_dir), lora=None, optimizer=lambda p: torch.optim.SGD(p, lr=0.0)
+        policy=PolicyConfig(name_or_path=tiny_dir), lora=None, optimizer=lambda p: torch.optim.SGD(p, lr=1e-12)
     )
     module.configure_model()
     torch.nn.init.zeros_(module.model.get_output_embeddings().weight)

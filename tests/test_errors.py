@@ -13,7 +13,7 @@ from simpo_lightning.cli import main
 from simpo_lightning.data import DataError
 from simpo_lightning.errors import one_line
 
-from helpers import ROOT, TWO_PROCESSES, run_command, tiny_args, write_jsonl
+from helpers import ROOT, TWO_PROCESSES, run_command, tiny_args, tiny_model_args, write_jsonl
 
 GOOD = {"prompt": "Q", "chosen": " yes", "rejected": " no"}
 
@@ -47,6 +47,12 @@ def bad_inputs(folder) -> dict[str, tuple[str, str]]:
     cases["empty file"] = (str(folder / "empty.jsonl"), "no rows (the file is empty)")
     cases["missing file"] = (str(folder / "nowhere.jsonl"), "data.train_data: no such file")
     return cases
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Runs every test in its own folder: a fit that fails after set-up has written its config.yaml there."""
+    monkeypatch.chdir(tmp_path)
 
 
 def tiny_fit(tiny_dir: str, *extra: str) -> list[str]:
@@ -101,14 +107,247 @@ def test_one_line_condenses_jsonargparse_messages():
     assert one_line(ValueError("first\n  second")) == "first second"
 
 
+# --------------------------------------------------------------------------- every command
+
+
+def judge(function: str) -> str:
+    return json.dumps({"class_path": "simpo_lightning.judges.CallableJudge", "init_args": {"function": function}})
+
+
+def wrong_count(prompts, responses, references):
+    return [1.0]
+
+
+def not_a_number(prompts, responses, references):
+    return [float("nan")] * len(responses)
+
+
+def command_cases(tiny_dir: str, folder: Path) -> dict[str, tuple[list[str], str, list[str]]]:
+    """name -> (command line, what its one error line must say, files under ``folder`` it must not leave behind
+    for a rerun to take as finished work); the files the cases read: ``case_files``."""
+    grpo = ["--config", str(ROOT / "configs/grpo-demo.yaml"), *tiny_model_args(tiny_dir), "--data.cache_dir", "null"]
+    out = str(folder / "out.jsonl")
+    generate = ["generate", "--prompts", "demo", "--output", out, "--model", tiny_dir, "--max_prompts", "2"]
+    pairs = ["pairs", "--generations", str(folder / "generations.jsonl"), "--output", out]
+    evaluate = ["evaluate", "--output_dir", str(folder / "evaluation"), "--max_prompts", "2"]
+    export = ["export", "--output_dir", str(folder / "exported")]
+    return {
+        # fit, validate, test
+        "corrupt checkpoint": (
+            tiny_fit(tiny_dir, "--ckpt_path", str(folder / "corrupt.ckpt")),
+            f"--ckpt_path {folder}/corrupt.ckpt: not a checkpoint file",
+            [],
+        ),
+        "checkpoint folder": (
+            ["validate", *tiny_fit(tiny_dir, "--ckpt_path", str(folder / "no-metadata"))[1:]],
+            "not a sharded checkpoint (no .metadata",
+            [],
+        ),
+        "missing checkpoint": (
+            ["test", *tiny_fit(tiny_dir, "--ckpt_path", str(folder / "none.ckpt"))[1:]],
+            "none.ckpt: no such checkpoint",
+            [],
+        ),
+        "batch size 0": (tiny_fit(tiny_dir, "--data.batch_size", "0"), "data.batch_size = 0: at least one pair", []),
+        "negative beta": (tiny_fit(tiny_dir, "--model.loss.beta", "-1"), "model.loss.beta = -1.0: must be > 0", []),
+        "negative margin": (
+            tiny_fit(tiny_dir, "--model.loss.gamma_beta_ratio", "-0.5"),
+            "model.loss.gamma_beta_ratio = -0.5: must be ≥ 0",
+            [],
+        ),
+        "label smoothing": (
+            tiny_fit(tiny_dir, "--model.loss.label_smoothing", "0.5"),
+            "label_smoothing = 0.5: must be in [0, 0.5)",
+            [],
+        ),
+        "zero learning rate": (
+            tiny_fit(tiny_dir, "--model.optimizer.init_args.lr", "0"),
+            "model.optimizer: learning rate 0.0: must be > 0",
+            [],
+        ),
+        "warm-up ratio 1": (tiny_fit(tiny_dir, "--model.warmup_ratio", "1"), "model.warmup_ratio = 1.0", []),
+        "prompt budget": (
+            tiny_fit(tiny_dir, "--data.truncation.max_prompt_length", "0"),
+            "data.truncation.max_prompt_length = 0: must be ≥ 1, or null",
+            [],
+        ),
+        "unknown model field": (
+            tiny_fit(tiny_dir, "--model.policy.config_overrides", '{"hidden_sizes": 8}'),
+            "config_overrides: LlamaConfig has no field 'hidden_sizes'",
+            [],
+        ),
+        "quantization without LoRA": (
+            tiny_fit(tiny_dir, "--model.lora", "null", "--model.policy.quantization", '{"bits": 4}'),
+            "model.policy.quantization needs LoRA",
+            [],
+        ),
+        "in-backward with clipping": (
+            tiny_fit(tiny_dir, "--model.optimizer_in_backward", "true"),
+            "cannot be combined with trainer.gradient_clip_val",
+            [],
+        ),
+        "precomputed KTO reference": (
+            tiny_fit(tiny_dir, "--model.loss.name", "kto", "--model.reference.precompute", "true"),
+            "reference.precompute does not apply to kto",
+            [],
+        ),
+        "GRPO one sample": (["fit", *grpo, "--model.sampling.n", "1"], "grpo needs G ≥ 2 samples per prompt", []),
+        "GRPO greedy": (
+            ["fit", *grpo, "--model.sampling.temperature", "0"],
+            "online sampling needs sampling.temperature > 0",
+            [],
+        ),
+        "negative clip range": (
+            ["fit", *grpo, "--model.method.epsilon", "-0.1"],
+            "model.method.epsilon = -0.1: must be ≥ 0",
+            [],
+        ),
+        # generate
+        "negative temperature": (
+            [*generate, "--sampling.temperature", "-1"],
+            "sampling.temperature = -1.0: must be ≥ 0",
+            ["out.jsonl", "out.jsonl.part0"],
+        ),
+        "top-p 0": ([*generate, "--sampling.top_p", "0"], "sampling.top_p = 0.0: must be in (0, 1]", ["out.jsonl"]),
+        "missing model": (
+            [*generate, "--model", str(folder / "nowhere")],
+            f"--model {folder}/nowhere: no such checkpoint or model folder",
+            ["out.jsonl"],
+        ),
+        "missing prompts": (
+            [*generate, "--prompts", str(folder / "nowhere.jsonl")],
+            "nowhere.jsonl: no such file",
+            ["out.jsonl", "out.jsonl.part0"],
+        ),
+        # pairs
+        "judge returns NaN": (
+            [*pairs, "--judge", judge("test_errors.not_a_number")],
+            "judge CallableJudge returned a non-finite score",
+            ["out.jsonl"],
+        ),
+        "judge returns too few": (
+            [*pairs, "--judge", judge("test_errors.wrong_count")],
+            "judge CallableJudge returned 1 scores for 2 responses",
+            ["out.jsonl"],
+        ),
+        "rule judge without references": (
+            [*pairs, "--judge", "RuleJudge"],
+            "RuleJudge needs a reference answer for every prompt",
+            ["out.jsonl"],
+        ),
+        "one response per prompt": (
+            ["pairs", "--generations", str(folder / "one-response.jsonl"), "--output", out, "--judge", "RuleJudge"],
+            "pairs need at least 2 responses per prompt",
+            ["out.jsonl"],
+        ),
+        "generations without responses": (
+            ["pairs", "--generations", str(folder / "no-responses.jsonl"), "--output", out, "--judge", "RuleJudge"],
+            "no-responses.jsonl:1: a row needs 'prompt' and 'responses'",
+            ["out.jsonl"],
+        ),
+        "no generations": (
+            ["pairs", "--generations", str(folder / "nowhere.jsonl"), "--output", out, "--judge", "RuleJudge"],
+            "nowhere.jsonl: no generations (run generate first)",
+            ["out.jsonl"],
+        ),
+        # rounds
+        "missing fit config": (
+            ["rounds", "--fit_config", str(folder / "none.yaml"), "--run_dir", str(folder / "rounds")],
+            "none.yaml: no such file",
+            ["rounds"],
+        ),
+        "random-init fit config": (
+            ["rounds", "--fit_config", str(ROOT / "configs/tiny.yaml"), "--run_dir", str(folder / "rounds")],
+            "random_init weights are made anew by every fit",
+            ["rounds"],
+        ),
+        "zero rounds": (
+            ["rounds", "--fit_config", str(ROOT / "configs/tiny.yaml"), "--rounds", "0"],
+            "rounds = 0: at least one round",
+            [],
+        ),
+        # evaluate
+        "missing candidate": (
+            [*evaluate, "--candidates", json.dumps([str(folder / "none.ckpt")])],
+            "none.ckpt: no such checkpoint or model folder",
+            ["evaluation"],
+        ),
+        "pattern matching nothing": (
+            [*evaluate, "--candidates", json.dumps([str(folder / "runs/*/last.ckpt")])],
+            "matches nothing",
+            ["evaluation"],
+        ),
+        "missing reward model": (
+            [
+                *evaluate,
+                "--candidates",
+                json.dumps([tiny_dir]),
+                "--judge",
+                json.dumps({"class_path": "RewardModelJudge", "init_args": {"name_or_path": str(folder / "rm")}}),
+            ],
+            "judge (RewardModelJudge) name_or_path",
+            ["evaluation"],
+        ),
+        "reference on both sides": (
+            [*evaluate, "--candidates", '["reference"]', "--baseline", "reference"],
+            "the reference answers cannot be both the baseline and a candidate",
+            ["evaluation"],
+        ),
+        # export
+        "export a corrupt checkpoint": (
+            [*export, "--ckpt_path", str(folder / "corrupt.ckpt")],
+            "corrupt.ckpt: not a readable checkpoint",
+            ["exported"],
+        ),
+        # the command itself
+        "unknown command": (
+            ["frobnicate"],
+            "no command 'frobnicate'; the commands are fit, validate, test, evaluate, export, generate, pairs, rounds",
+            [],
+        ),
+        "predict": (["predict", "--config", str(ROOT / "configs/tiny.yaml")], "`generate` answers prompts", []),
+        "unknown option": ([*generate, "--frob", "1"], "unrecognized arguments: --frob", ["out.jsonl"]),
+    }
+
+
+def case_files(folder: Path) -> None:
+    (folder / "corrupt.ckpt").write_bytes(b"PK\x03\x04 not a whole zip file")
+    (folder / "no-metadata").mkdir()
+    generations = {"prompt": "Say hi.", "responses": ["hi", "hello there"]}
+    write_jsonl(folder / "generations.jsonl", [generations])  # as another tool writes it: no reference, no tokens
+    write_jsonl(folder / "one-response.jsonl", [{**generations, "responses": ["hi"]}])
+    write_jsonl(folder / "no-responses.jsonl", [{"prompt": "Say hi."}])
+
+
+@pytest.mark.parametrize("name", list(command_cases("tiny", Path("folder"))))
+def test_bad_input_through_every_command_is_one_line_and_exit_status_2(name, tiny_dir, tmp_path, capsys):
+    """The command's own entry point (``cli.main``, which the console script calls) in this process; two cases
+    also run through the installed console script below."""
+    case_files(tmp_path)
+    args, said, absent = command_cases(tiny_dir, tmp_path)[name]
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    lines = error_lines(capsys.readouterr().err)
+    assert exit.value.code == 2 and len(lines) == 1, lines
+    assert said in lines[0], lines[0]
+    assert not [path for path in absent if (tmp_path / path).exists()]
+
+
 @pytest.mark.slow
 def test_the_console_script_prints_one_line_and_exits_2(tiny_dir, tmp_path):
-    """The installed command, as a user runs it."""
+    """The installed command, as a user runs it: a data error in fit, and a judge's NaN in pairs (each process costs
+    seconds of start-up; the other cases run the same entry point in this process above)."""
     path = str(write_jsonl(tmp_path / "d.jsonl", [GOOD, {"prompt": "Q"}]))
-    result = run_command(tiny_fit(tiny_dir, "--data.train_data", path), tmp_path, check=False)
-    assert result.returncode == 2 and error_lines(result.stderr) == [
-        f"simpo-lightning: error: {path} row 2: missing column 'chosen' (has ['prompt']); set data.columns"
+    case_files(tmp_path)
+    cases = command_cases(tiny_dir, tmp_path)
+    runs = [
+        (tiny_fit(tiny_dir, "--data.train_data", path), f"{path} row 2: missing column 'chosen' (has ['prompt'])"),
+        cases["judge returns NaN"][:2],
     ]
+    for args, said in runs:
+        result = run_command(args, tmp_path, check=False, fresh=True, PYTHONPATH=str(ROOT / "tests"))
+        lines = error_lines(result.stderr)
+        assert result.returncode == 2 and len(lines) == 1 and said in lines[0], (args[0], lines)
 
 
 def test_debugging_shows_the_traceback_and_bugs_keep_theirs(tiny_dir, tmp_path, monkeypatch):

@@ -58,6 +58,7 @@ def test_export_of_the_gguf_default_model_generates_the_trained_text(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from simpo_lightning.generation import SamplingConfig, greedy_answers
+    from simpo_lightning.model import inference_policy
 
     run = ["--trainer.logger", csv_logger(tmp_path), "--trainer.callbacks", json.dumps([EVERY_STEP_CHECKPOINT])]
     short = [
@@ -79,7 +80,9 @@ def test_export_of_the_gguf_default_model_generates_the_trained_text(tmp_path):
     greedy = SamplingConfig(max_new_tokens=12, batch_size=4)
     trained = greedy_answers(cli.model.model, tokenizer, prompts, greedy)
     exported = greedy_answers(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), tokenizer, prompts, greedy)
+    untrained = greedy_answers(inference_policy(None)[0], tokenizer, prompts, greedy)
     assert exported == trained and any(trained)
+    assert trained != untrained  # the 2 steps changed answers, and the export carries the change
 
 
 def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys):

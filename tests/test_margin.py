@@ -38,7 +38,7 @@ def test_the_adaptive_margin_by_hand():
     # clamped at 0 (a negative running gap) and at max_ratio
     assert adaptive_gamma_beta_ratio(torch.tensor([-0.15, 0.1]), steps=1, decay=0.5) == 0.0
     assert adaptive_gamma_beta_ratio(torch.tensor([1.5, 4.5]), steps=1, decay=0.5, max_ratio=2.0) == 2.0
-    with pytest.raises(ValueError, match="margin_decay"):
+    with pytest.raises(UserError, match="margin_decay"):
         Margin("adaptive", max_ratio=2.0, decay=1.0, spread=0.0)
 
 

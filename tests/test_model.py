@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from simpo_lightning.errors import UserError
 from simpo_lightning.model import (
     LoraConfig,
     PolicyConfig,
@@ -19,9 +20,9 @@ from simpo_lightning.model import (
 
 
 def test_quantization_errors_are_clear(tiny_dir):
-    with pytest.raises(ValueError, match="needs LoRA"):
+    with pytest.raises(UserError, match="needs LoRA"):
         build_policy(PolicyConfig(name_or_path=tiny_dir, quantization=QuantizationConfig()), None)
-    with pytest.raises(ValueError, match="random_init"):
+    with pytest.raises(UserError, match="random_init"):
         build_policy(
             PolicyConfig(name_or_path=tiny_dir, random_init=True, quantization=QuantizationConfig()), LoraConfig()
         )

@@ -4,6 +4,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from simpo_lightning.errors import UserError
+
 from helpers import GradientsHeld, demo_data, tiny_module, trainer
 
 
@@ -46,5 +48,5 @@ def test_optimizer_in_backward_resumes_exactly(tiny_dir, tmp_path):
 
 
 def test_optimizer_in_backward_refuses_gradient_clipping(tiny_dir):
-    with pytest.raises(ValueError, match="gradient_clip_val"):
+    with pytest.raises(UserError, match="gradient_clip_val"):
         in_backward_run(tiny_dir, True, 1, gradient_clip_val=1.0)

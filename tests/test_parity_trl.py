@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+import trl  # noqa: F401  (a test dependency: without it these tests fail instead of skipping)
 
 from simpo_lightning.batch import PairBatch, Sequences, UnpairedBatch, mismatched
 from simpo_lightning.logprobs import IGNORE_INDEX
@@ -26,7 +27,6 @@ from simpo_lightning.scoring import score_sequences
 
 from helpers import rounding_bound
 
-trl = pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 ROWS = [

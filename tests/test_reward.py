@@ -50,7 +50,6 @@ def test_pad_is_not_eos_so_the_score_is_read_at_the_final_eos(tiny_dir):
 
 @pytest.mark.parametrize("center", [None, 0.01])
 def test_loss_rewards_and_gradients_match_trl_reward_trainer(tiny_dir, tmp_path, center):
-    pytest.importorskip("trl")
     import datasets
     from test_parity_trl import assert_same_step
     from trl import RewardConfig, RewardTrainer

@@ -42,6 +42,8 @@ def test_rounds_train_from_the_previous_round_and_skip_finished_stages(tiny_dir,
     assert both[1]["pairs"] > 0 and (home / "round-2/fit/checkpoints/last.ckpt").is_file()
     # round 2 sampled from and started from round 1's trained weights: its held-out "before" is round 1's "after"
     assert both[1]["heldout"]["before"] == both[0]["heldout"]["after"] != both[0]["heldout"]["before"]
+    # round 1 sampled from the model its fit trained (fit_args applied to the fit config), not the config's own
+    assert read_jsonl(home / "round-1/generations.jsonl")[0]["settings"]["model"] == tiny_dir
     generated = read_jsonl(home / "round-2/generations.jsonl")
     assert generated[0]["settings"]["model"] == str(home / "round-1/fit/checkpoints/last.ckpt")
     # W&B (offline): one run per round's fit and one for the rounds, each a run of its own in one group.

@@ -18,6 +18,7 @@ from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator
 from simpo_lightning.data.encoding import Columns, Format, PairEncoder, Truncation, tokenizer_fingerprint
 from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Source
 from simpo_lightning.data.store import cached_store, encoder_fingerprint, load_store, store_report
+from simpo_lightning.errors import require
 
 log = logging.getLogger(__name__)
 # GlobalBatchSampler makes mid-epoch resumption exact (it skips the trained batches, see
@@ -90,6 +91,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 "data.train_data is required: give --data.train_data PATH (a .jsonl/.json/.parquet file, "
                 "a datasets name or folder, or demo)"
             )
+        require(batch_size >= 1, f"data.batch_size = {batch_size}: at least one pair per batch")
+        require(0 < val_fraction < 1, f"data.val_fraction = {val_fraction}: must be in (0, 1)")
+        require(
+            num_proc >= 1 and num_workers >= 0,
+            f"data.num_proc = {num_proc} must be ≥ 1, data.num_workers = {num_workers} ≥ 0",
+        )
         for name, source in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
             if source is not None and source.endswith(FILE_SUFFIXES) and not Path(source).expanduser().is_file():
                 # said before a run starts rather than after its set-up

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from simpo_lightning.data.sources import DataError, Row, Skip
+from simpo_lightning.errors import require
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,16 @@ class Truncation:
     """Longer prompts are cut to this; None never cuts the prompt."""
     mode: Literal["keep_end", "keep_start"] = "keep_end"
     """Which end of a long prompt to keep: the end (the latest turns, as the SimPO reference) or the start."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.max_length >= 2,
+            f"data.truncation.max_length = {self.max_length}: must be ≥ 2 (a prompt and a response)",
+        )
+        require(
+            self.max_prompt_length is None or self.max_prompt_length >= 1,
+            f"data.truncation.max_prompt_length = {self.max_prompt_length}: must be ≥ 1, or null",
+        )
 
 
 def _check_messages(value: Any, what: str) -> list[dict[str, str]]:
