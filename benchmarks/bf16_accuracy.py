@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from simpo_lightning.data import Columns, PairEncoder, PreferenceCollator, Truncation
-from simpo_lightning.model import PolicyConfig
-from simpo_lightning.module import SimPOModule
-from simpo_lightning.scoring import score_pair_batch
+from simpo_lightning.methods.preference import SimPOModule
+from simpo_lightning.models.loading import PolicyConfig
+from simpo_lightning.scoring.sequences import score_pair_batch
 
 from vs_trl import prepare
 

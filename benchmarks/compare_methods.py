@@ -5,10 +5,10 @@ this machine (so the timings share its load).
     python benchmarks/compare_methods.py --methods simpo dpo -- --trainer.max_steps 10
     python benchmarks/compare_methods.py --notes --budget 4   # the design notes' comparison, 4 minutes each
 
-Each method runs ``simpo-lightning fit --config configs/<method>.yaml`` (the SimPO one is
-``configs/quickstart.yaml``; the online ones ``configs/<method>-demo.yaml``) in its own process with a CSV
-logger, plus any arguments after ``--``; ``simpo-rounds`` runs ``simpo-lightning rounds --config
-configs/onpolicy-demo.yaml`` (its two rounds as configured, not cut to the budget). ``--budget MINUTES``
+Each method runs ``simpo-lightning fit`` on its config (SimPO's ``configs/quickstart.yaml``, the other offline
+methods' ``configs/methods/<method>.yaml``, the online ones' ``configs/online/<method>-demo.yaml``) in its own
+process with a CSV logger, plus any arguments after ``--``; ``simpo-rounds`` runs ``simpo-lightning rounds --config
+configs/commands/onpolicy-demo.yaml`` (its two rounds as configured, not cut to the budget). ``--budget MINUTES``
 gives every fit the same wall-clock budget (``trainer.max_time``, no step limit, constant learning rate
 without warm-up, since a schedule over an unknown number of steps would stay in warm-up). ``--notes``
 selects the methods the design notes compare: SimPO offline and on-policy, DPO, IPO, KTO, ORPO, PPO, GRPO
@@ -46,8 +46,9 @@ MODELS |= {
 
 
 def config_of(method: str) -> Path:
-    name = "quickstart" if method == "simpo" else f"{method}-demo" if method in ONLINE else method
-    return ROOT / "configs" / f"{name}.yaml"
+    if method == "simpo":
+        return ROOT / "configs/quickstart.yaml"
+    return ROOT / "configs" / (f"online/{method}-demo.yaml" if method in ONLINE else f"methods/{method}.yaml")
 
 
 def measured(command: list[str], log_path: Path, cwd: Path) -> int:
@@ -111,7 +112,7 @@ def run(method: str, extra: list[str], workdir: Path, config: Path | None = None
 
 
 def run_rounds(workdir: Path) -> dict:
-    """``rounds --config configs/onpolicy-demo.yaml`` in its own process: held-out metrics before the first
+    """``rounds --config configs/commands/onpolicy-demo.yaml`` in its own process: held-out metrics before the first
     round and after the last, wall time and peak RSS."""
     command = [
         sys.executable,
@@ -119,7 +120,7 @@ def run_rounds(workdir: Path) -> dict:
         "simpo_lightning.cli",
         "rounds",
         "--config",
-        str(ROOT / "configs/onpolicy-demo.yaml"),
+        str(ROOT / "configs/commands/onpolicy-demo.yaml"),
     ]
     command += ["--run_dir", str(workdir / "rounds")]
     start = time.perf_counter()

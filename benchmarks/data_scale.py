@@ -88,7 +88,7 @@ def worker(spec: dict) -> dict:
         encode_rows,
     )
     from simpo_lightning.data.sources import read_source
-    from simpo_lightning.model import PolicyConfig, load_tokenizer
+    from simpo_lightning.models.loading import PolicyConfig, load_tokenizer
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(PolicyConfig())

@@ -26,9 +26,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
 
-    from simpo_lightning.generation import SamplingConfig, sample_responses
-    from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, build_policy, inference_policy, load_tokenizer
-    from simpo_lightning.onpolicy import read_prompts
+    from simpo_lightning.generation.commands import read_prompts
+    from simpo_lightning.generation.sampling import SamplingConfig, sample_responses
+    from simpo_lightning.models.checkpoints import inference_policy
+    from simpo_lightning.models.loading import PolicyConfig, build_policy, load_tokenizer
+    from simpo_lightning.models.tiny import TINY_ARCHITECTURE
 
     if args.tiny:
         policy = PolicyConfig(random_init=True, config_overrides=TINY_ARCHITECTURE)

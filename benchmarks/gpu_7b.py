@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from simpo_lightning.batch import PairBatch, Sequences
-from simpo_lightning.model import TINY_ARCHITECTURE, LoraConfig, PolicyConfig, fast_bf16, load_tokenizer
-from simpo_lightning.module import LossConfig, SimPOModule
+from simpo_lightning.data.batch import PairBatch, Sequences
+from simpo_lightning.methods.preference import LossConfig, SimPOModule
+from simpo_lightning.models.loading import LoraConfig, PolicyConfig, load_tokenizer
+from simpo_lightning.models.parallel import fast_bf16
+from simpo_lightning.models.tiny import TINY_ARCHITECTURE
 
 from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes
 

@@ -5,7 +5,7 @@ the peak GPU memory and step time of each.
     python benchmarks/gpu_check.py              # on an NVIDIA GPU, about 2 minutes
     python benchmarks/gpu_check.py --cpu        # the same runs at toy size on CPU (FSDP2 via ModelParallelStrategy)
 
-Each run is ``simpo-lightning fit --config configs/tiny.yaml`` in its own process, with the model
+Each run is ``simpo-lightning fit --config configs/testing/tiny.yaml`` in its own process, with the model
 saved to a temporary folder first (bitsandbytes loads saved weights only).
 """
 
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simpo_lightning.model import TINY_ARCHITECTURE, save_random_model
+from simpo_lightning.models.tiny import TINY_ARCHITECTURE, save_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # ~0.5 B parameters: big enough that quantization shows in memory, small enough to finish fast.
@@ -72,7 +72,7 @@ def main() -> None:
     save_random_model(workdir / "model", TINY_ARCHITECTURE if args.cpu else GPU_SIZE)  # SmolLM2's architecture, resized
     common = [
         "--config",
-        str(ROOT / "configs/tiny.yaml"),
+        str(ROOT / "configs/testing/tiny.yaml"),
         "--model.policy.name_or_path",
         str(workdir / "model"),
         "--model.policy.random_init",

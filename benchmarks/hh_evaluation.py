@@ -5,9 +5,9 @@
 1. Splits the file by row order: the first ``--train`` rows train both the reward model and the SimPO
    policy, the next ``--val`` rows are held-out pairs for the reward model's accuracy, and the prompts of
    the rows after those (seen by neither) are the evaluation prompts.
-2. ``fit --config configs/reward.yaml`` (LoRA on SmolLM2-135M-Instruct's backbone): held-out pair accuracy
+2. ``fit --config configs/methods/reward.yaml`` (LoRA on SmolLM2-135M-Instruct's backbone): held-out pair accuracy
    before and after; ``export`` of the reward model.
-3. ``fit --config configs/hh-rlhf.yaml``: the SimPO policy (LoRA).
+3. ``fit --config configs/datasets/hh-rlhf.yaml``: the SimPO policy (LoRA).
 4. ``evaluate``: the SimPO policy against the base SmolLM2 on the held-out prompts, judged by that reward
    model (``format: text``, as it was trained on HH's text dialogues); greedy answers.
 
@@ -78,7 +78,7 @@ def main() -> None:
         [
             "fit",
             "--config",
-            "configs/reward.yaml",
+            "configs/methods/reward.yaml",
             "--data.train_data",
             str(work / "train.jsonl"),
             "--data.val_data",
@@ -103,7 +103,7 @@ def main() -> None:
         [
             "fit",
             "--config",
-            "configs/hh-rlhf.yaml",
+            "configs/datasets/hh-rlhf.yaml",
             "--data.train_data",
             str(work / "train.jsonl"),
             "--data.val_data",
@@ -119,7 +119,7 @@ def main() -> None:
     )
     policy = heldout(work / "policy/version_0/metrics.csv")
     judge = {
-        "class_path": "simpo_lightning.judges.RewardModelJudge",
+        "class_path": "simpo_lightning.generation.RewardModelJudge",
         "init_args": {"name_or_path": str(work / "reward-model"), "format": "text", "max_length": 1024},
     }
     times["evaluate"] = command(

@@ -8,7 +8,7 @@ Each run is ``simpo-lightning fit`` in its own process (``benchmarks/compare_met
 repetition, one after another on this machine:
 
 - demo: ``configs/quickstart.yaml`` (SmolLM2-135M-Instruct, LoRA, 60 steps of 4 pairs).
-- hh: ``configs/hh-rlhf.yaml`` on the first ``--hh_rows`` rows of ``--hh`` (5% held out), ``--hh_steps``
+- hh: ``configs/datasets/hh-rlhf.yaml`` on the first ``--hh_rows`` rows of ``--hh`` (5% held out), ``--hh_steps``
   steps of 2 pairs, with the ``HeldOutReport`` for reward accuracy and log-probs before and after.
 
 Prints per margin: held-out reward accuracy before → after, exact match (demo), the change of the mean
@@ -40,7 +40,7 @@ MARGINS = ["0", "0.25", "0.5", "1.0", "2.0", "auto", "adaptive"]
 def monitor(max_prompts: int, max_new_tokens: int) -> str:
     return json.dumps(
         {
-            "class_path": "simpo_lightning.monitor.GenerationMonitor",
+            "class_path": "simpo_lightning.callbacks.GenerationMonitor",
             "init_args": {"max_prompts": max_prompts, "max_new_tokens": max_new_tokens, "every_n_validations": 1},
         }
     )
@@ -54,7 +54,7 @@ def setting_args(setting: str, args, workdir: Path) -> tuple[Path, list[str]]:
         with gzip.open(args.hh, "rt") as source:
             rows.write_text("".join(line for _, line in zip(range(args.hh_rows), source)))
     held_out = json.dumps({"class_path": "simpo_lightning.callbacks.HeldOutReport", "init_args": {"max_new_tokens": 1}})
-    return ROOT / "configs/hh-rlhf.yaml", [
+    return ROOT / "configs/datasets/hh-rlhf.yaml", [
         "--data.train_data",
         str(rows),
         "--data.cache_dir",

@@ -48,7 +48,8 @@ HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 def model_path(tiny: bool, workdir: Path) -> str:
     """The float folder of the built-in SmolLM2, or (``tiny``) a 2-layer random model of its architecture
     saved under ``workdir``."""
-    from simpo_lightning.model import TINY_ARCHITECTURE, PolicyConfig, model_folder, save_random_model
+    from simpo_lightning.models.loading import PolicyConfig, model_folder
+    from simpo_lightning.models.tiny import TINY_ARCHITECTURE, save_random_model
 
     if not tiny:
         return model_folder(PolicyConfig())
@@ -58,10 +59,9 @@ def model_path(tiny: bool, workdir: Path) -> str:
 
 def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[str, Path]:
     """A float model folder and a JSONL of ``n_pairs`` standard-format pairs that fit ``max_length``."""
-    from simpo_lightning import demo
-    from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, read_source
+    from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation, demo, read_source
     from simpo_lightning.data.encoding import split_hh
-    from simpo_lightning.model import PolicyConfig, load_tokenizer
+    from simpo_lightning.models.loading import PolicyConfig, load_tokenizer
 
     model = model_path(tiny, workdir)
     if HH_FILE.is_file():
@@ -97,7 +97,7 @@ def prepare(workdir: Path, tiny: bool, n_pairs: int, max_length: int) -> tuple[s
 
 def pair_lengths(model: str, data: Path, max_length: int) -> list[tuple[int, int, int]]:
     from simpo_lightning.data import Columns, PairEncoder, Truncation
-    from simpo_lightning.model import PolicyConfig, load_tokenizer
+    from simpo_lightning.models.loading import PolicyConfig, load_tokenizer
 
     encode = PairEncoder(
         load_tokenizer(PolicyConfig(name_or_path=model)), Columns(), Truncation(max_length, None), "standard"
@@ -113,10 +113,10 @@ def worker_ours(spec: dict) -> dict:
     import lightning as L
     import torch
 
-    from simpo_lightning.callbacks import ReturnFreedMemory
+    from simpo_lightning.callbacks.memory import ReturnFreedMemory
     from simpo_lightning.data import PreferenceDataModule, Truncation
-    from simpo_lightning.model import LoraConfig, PolicyConfig
-    from simpo_lightning.module import LossConfig, SimPOModule
+    from simpo_lightning.methods.preference import LossConfig, SimPOModule
+    from simpo_lightning.models.loading import LoraConfig, PolicyConfig
 
     times = []
 
@@ -174,7 +174,7 @@ def worker_trl(spec: dict) -> dict:
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     if spec.get("variant") == "freed-memory":
-        from simpo_lightning.callbacks import return_freed_memory
+        from simpo_lightning.callbacks.memory import return_freed_memory
 
         return_freed_memory()
     times = []

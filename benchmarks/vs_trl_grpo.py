@@ -28,7 +28,7 @@ from vs_trl import child_result, model_path
 
 
 def demo_prompts(n: int) -> list[dict]:
-    from simpo_lightning import demo
+    from simpo_lightning.data import demo
 
     seen, out = set(), []
     for row in demo.rows("train"):
@@ -44,14 +44,17 @@ def run_ours(args, model: str) -> list[float]:
     import torch
 
     from simpo_lightning.data import PromptDataModule
-    from simpo_lightning.generation import SamplingConfig
-    from simpo_lightning.model import LoraConfig, PolicyConfig
-    from simpo_lightning.online import OnlineConfig, OnlineModule
+    from simpo_lightning.generation.sampling import SamplingConfig
+    from simpo_lightning.methods import GRPOConfig, GRPOModule, UpdateConfig
+    from simpo_lightning.models.loading import LoraConfig, PolicyConfig
 
-    module = OnlineModule(
+    module = GRPOModule(
         policy=PolicyConfig(name_or_path=model),
         lora=LoraConfig(r=16, alpha=32),
-        method=OnlineConfig(loss_type="dapo", beta=0.0, micro_batch_size=args.prompts * args.g),
+        method=GRPOConfig(loss_type="dapo", beta=0.0),
+        update=UpdateConfig(micro_batch_size=args.prompts * args.g),
+        warmup_ratio=0.0,
+        lr_schedule="constant",
         sampling=SamplingConfig(
             n=args.g, temperature=1.0, max_new_tokens=args.length, min_new_tokens=args.length, batch_size=64
         ),
@@ -81,7 +84,7 @@ def run_trl(args, model: str) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from simpo_lightning.judges import RuleJudge
+    from simpo_lightning.generation.judges import RuleJudge
 
     judge = RuleJudge()
 

@@ -10,8 +10,6 @@ each takes ``--config`` with the same options in a YAML file.
 import importlib
 import json
 import logging
-import netrc
-import os
 import signal
 import sys
 import zipfile
@@ -21,43 +19,21 @@ from pathlib import Path
 import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 
 from simpo_lightning.errors import UserError, reported
+from simpo_lightning.loggers import WandbLogger  # noqa: F401  (its class path in configs written before loggers.py)
 
 # Name -> "module:function". Each function's typed signature and docstring make its options and --help.
 COMMANDS = {
-    "evaluate": "simpo_lightning.evaluate:evaluate",
-    "export": "simpo_lightning.export:export",
-    "generate": "simpo_lightning.onpolicy:generate",
-    "pairs": "simpo_lightning.onpolicy:pairs",
+    "evaluate": "simpo_lightning.evaluation.evaluate:evaluate",
+    "export": "simpo_lightning.models.export:export",
+    "generate": "simpo_lightning.generation.commands:generate",
+    "pairs": "simpo_lightning.generation.commands:pairs",
     "rounds": "simpo_lightning.rounds:rounds",
 }
 TRAINER_COMMANDS = ("fit", "validate", "test")  # LightningCLI's; its predict has nothing to predict here: generate
-DEFAULT_MODULE = "simpo_lightning.module.SimPOModule"
+DEFAULT_MODULE = "simpo_lightning.methods.SimPOModule"
 DEFAULT_DATA = "simpo_lightning.data.PreferenceDataModule"
-
-
-def wandb_configured() -> bool:
-    """True when the user has set W&B up (an API key in the environment or in ~/.netrc)."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
-        return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-class WandbLogger(_WandbLogger):
-    """Lightning's WandbLogger, offline unless W&B is configured on this machine (``offline: null``)."""
-
-    def __init__(self, project: str = "simpo-lightning", save_dir: str = "runs", offline: bool | None = None, **kwargs):
-        offline = not wandb_configured() if offline is None else offline
-        if offline:  # explicit: Lightning's WANDB_MODE variable is not read once W&B has started in this process
-            kwargs.setdefault("mode", "offline")
-        super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
 
 
 def run_dir(trainer: Trainer) -> Path:
@@ -180,10 +156,12 @@ def nulls_as_dicts(args: list[str]) -> list[str]:
 
 def cli_main(args: list[str] | None = None) -> SimPOCLI:
     """The fit/validate/test commands (LightningCLI) on ``args``, or on ``sys.argv`` when None."""
+    from simpo_lightning._compat import migrated
+
     if args is None:
-        sys.argv[1:] = nulls_as_dicts(sys.argv[1:])
+        sys.argv[1:] = nulls_as_dicts(migrated(sys.argv[1:]))
     else:
-        args = nulls_as_dicts(args)
+        args = nulls_as_dicts(migrated(args))
     with _only_args(args):
         return SimPOCLI(
             LightningModule,

@@ -18,9 +18,9 @@ import yaml
 
 from simpo_lightning.data.encoding import Columns
 from simpo_lightning.errors import UserError
-from simpo_lightning.generation import SamplingConfig
-from simpo_lightning.judges import Judge, RuleJudge
-from simpo_lightning.onpolicy import generate, pairs, read_jsonl
+from simpo_lightning.generation.commands import generate, pairs, read_jsonl
+from simpo_lightning.generation.judges import Judge, RuleJudge
+from simpo_lightning.generation.sampling import SamplingConfig
 
 
 def rounds(
@@ -119,7 +119,7 @@ def _base_policy(fit_config: str, fit_args: list[str]) -> tuple[str | None, str 
 def _fit(
     fit_config: str, folder: Path, k: int, previous: str | None, val_data: str | None, fit_args: list[str], group: str
 ) -> dict:
-    from simpo_lightning.callbacks import HeldOutReport
+    from simpo_lightning.callbacks.heldout import HeldOutReport
     from simpo_lightning.cli import cli_main
 
     fit = folder / "fit"
@@ -129,7 +129,7 @@ def _fit(
             "init_args": {"save_dir": str(folder), "name": "fit", "version": ""},
         },
         {
-            "class_path": "simpo_lightning.cli.WandbLogger",
+            "class_path": "simpo_lightning.loggers.WandbLogger",
             "init_args": {"save_dir": str(folder), "group": group, "name": f"round-{k}"},
         },
     ]
@@ -173,7 +173,7 @@ def _log_rounds(home: Path, group: str, results: list[dict]) -> None:
     first prompts' samples. Written once all rounds are done, from their files."""
     import wandb
 
-    from simpo_lightning.cli import wandb_configured
+    from simpo_lightning.loggers import wandb_configured
 
     _finish_wandb()
     run = wandb.init(
@@ -190,7 +190,7 @@ def _log_rounds(home: Path, group: str, results: list[dict]) -> None:
         for row in read_jsonl(folder / "generations.jsonl")[:8]:
             pair = chosen.get(json.dumps(row["prompt"]))
             for response in row["responses"]:
-                picked = pair is not None and _text(pair["chosen"]) == response
+                picked = pair is not None and response_text(pair["chosen"]) == response
                 score = pair["chosen_score"] if picked else None
                 table.add_data(
                     result["round"], json.dumps(row["prompt"])[-200:], response, row["reference"], picked, score
@@ -210,7 +210,8 @@ def _log_rounds(home: Path, group: str, results: list[dict]) -> None:
     run.finish()
 
 
-def _text(response: str | list[dict]) -> str:
+def response_text(response: str | list[dict]) -> str:
+    """A pair's response as text: itself, or its last message's content."""
     return response if isinstance(response, str) else response[-1]["content"]
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from simpo_lightning.model import TINY_ARCHITECTURE
+from simpo_lightning.models.tiny import TINY_ARCHITECTURE
 
 TINY = {**TINY_ARCHITECTURE, "max_position_embeddings": 1024}
 
@@ -20,9 +20,16 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def in_its_own_folder(tmp_path, monkeypatch):
+    """Every test runs in a folder of its own: what a run writes where it runs (config.yaml, runs/, W&B files)
+    never lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
-    from simpo_lightning.model import save_random_model
+    from simpo_lightning.models.tiny import save_random_model
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     save_random_model(folder, TINY)

@@ -46,10 +46,10 @@ import torch
 from torch import Tensor
 
 from simpo_lightning.data import PreferenceDataModule
-from simpo_lightning.losses import LossConfig
-from simpo_lightning.model import LoraConfig, PolicyConfig
-from simpo_lightning.module import SimPOModule
-from simpo_lightning.reference import ReferenceConfig
+from simpo_lightning.losses.config import LossConfig
+from simpo_lightning.methods.preference import SimPOModule
+from simpo_lightning.methods.reference import ReferenceConfig
+from simpo_lightning.models.loading import LoraConfig, PolicyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -93,6 +93,16 @@ def assert_curves_equal(curve: list[float], reference: list[float], reduction: i
     assert len(curve) == len(reference) > 0
     for step, (a, b) in enumerate(zip(curve, reference)):
         assert_rounding_close(a, b, reduction, what=f"step {step}")
+
+
+def slow_reference(model, prompt: list[int], response: list[int]) -> float:
+    """Mean log p(response | prompt), one unpadded sequence, token by token."""
+    logits = model(input_ids=torch.tensor([prompt + response])).logits[0]
+    total = 0.0
+    for i, token in enumerate(response):
+        position = len(prompt) + i - 1  # logits at position t predict token t + 1
+        total += torch.log_softmax(logits[position].double(), -1)[token].item()
+    return total / len(response)
 
 
 # --------------------------------------------------------------------------- tiny runs
@@ -220,7 +230,7 @@ def tiny_model_args(tiny_dir: str) -> list[str]:
     ]
 
 
-def tiny_args(tiny_dir: str, save_dir: Path, *extra: str, config: str = "tiny.yaml") -> list[str]:
+def tiny_args(tiny_dir: str, save_dir: Path, *extra: str, config: str = "testing/tiny.yaml") -> list[str]:
     """``--config configs/<config>`` on the tiny model, a CSV logger under ``save_dir/run``, a checkpoint
     every step, no validation, no data cache."""
     tiny = tiny_model_args(tiny_dir)
@@ -246,7 +256,7 @@ CONSOLE_SCRIPT = str(Path(sys.executable).with_name("simpo-lightning"))
 # twice that. Nothing has run a computation in it before a fork (no thread pool to copy half-alive).
 FORK_SERVER = r"""
 import json, os, sys
-import simpo_lightning.cli, simpo_lightning.module, simpo_lightning.online, simpo_lightning.ppo, peft
+import simpo_lightning.cli, simpo_lightning.methods, peft
 from simpo_lightning.cli import main
 for line in sys.stdin:
     job = json.loads(line)

@@ -11,7 +11,7 @@ from helpers import ROOT, tiny_model_args
 @pytest.mark.slow
 def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
     """TRL, ours and ours with DPO, each in its own process, then the ratios and the padding report. (The
-    ``--lean`` variants are the settings of configs/lean.yaml, which tests/test_configs.py runs.)"""
+    ``--lean`` variants are the settings of configs/variants/lean.yaml, which tests/test_configs.py runs.)"""
     command = [sys.executable, str(ROOT / "benchmarks/vs_trl.py"), "--tiny", "--steps", "2", "--precisions", "32"]
     result = subprocess.run([*command, "--tunings", "full"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -76,7 +76,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_margin_sensitivity_runs_and_reports_the_margin_it_trained_with(tiny_dir, tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks/margin_sensitivity.py"), "--settings", "demo", "--margins"]
-    command += ["auto", "--workdir", str(tmp_path), "--demo_config", "configs/tiny.yaml"]
+    command += ["auto", "--workdir", str(tmp_path), "--demo_config", "configs/testing/tiny.yaml"]
     command += ["--", *tiny_model_args(tiny_dir), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
     command += ["--data.cache_dir", "null", "--model.loss.auto_pairs", "16"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -24,7 +24,8 @@ from helpers import (
 )
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-REAL_USE = [c for c in CONFIGS if c.parent.name != "configs"]  # configs/<model>/<setup>.yaml
+KINDS = {"configs", "methods", "online", "commands", "datasets", "testing", "variants"}  # the rest: configs/<model>/
+REAL_USE = [c for c in CONFIGS if c.parent.name not in KINDS]
 VOCAB = 49152  # SmolLM2's: the longest reduction of a step
 
 
@@ -95,7 +96,13 @@ def test_real_use_configs_keep_the_papers_global_batch_and_name_real_layers(conf
 
 def test_cli_overrides_the_yaml_and_plain_sections_are_the_default_classes(capsys):
     config = resolved(
-        capsys, "--config", str(ROOT / "configs/tiny.yaml"), "--model.loss.beta", "7.5", "--data.batch_size", "3"
+        capsys,
+        "--config",
+        str(ROOT / "configs/testing/tiny.yaml"),
+        "--model.loss.beta",
+        "7.5",
+        "--data.batch_size",
+        "3",
     )
     assert config["model"]["class_path"].endswith("SimPOModule") and config["data"]["class_path"].endswith(
         "PreferenceDataModule"
@@ -127,7 +134,7 @@ def test_null_given_to_a_nested_field_on_the_command_line_is_null(capsys):
 
 def test_the_hh_config_asks_for_its_data_file(capsys):
     with pytest.raises(SystemExit) as exit:
-        main(["fit", "--config", str(ROOT / "configs/hh-rlhf.yaml")])
+        main(["fit", "--config", str(ROOT / "configs/datasets/hh-rlhf.yaml")])
     assert exit.value.code == 2 and "data.train_data is required" in capsys.readouterr().err
 
 
@@ -177,7 +184,7 @@ def test_every_registered_command_has_a_config_file_case():
 
 @pytest.mark.slow
 def test_fit_validate_test_end_to_end(tmp_path, capsys, monkeypatch):
-    config = str(ROOT / "configs/tiny.yaml")
+    config = str(ROOT / "configs/testing/tiny.yaml")
     monkeypatch.chdir(tmp_path)
     fit = run_command(
         ["fit", "--config", config, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"], tmp_path
@@ -222,10 +229,10 @@ def test_fit_validate_test_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_a_module_other_than_simpo_runs_from_its_yaml(tiny_dir, tmp_path):
-    """configs/sft.yaml names SFTModule by class_path: it trains on the chosen responses only."""
+    """configs/methods/sft.yaml names SFTModule by class_path: it trains on the chosen responses only."""
     steps = ["--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1"]
     validation = ["--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2"]
-    cli = cli_main(["fit", *tiny_args(tiny_dir, tmp_path, *steps, *validation, config="sft.yaml")])
+    cli = cli_main(["fit", *tiny_args(tiny_dir, tmp_path, *steps, *validation, config="methods/sft.yaml")])
     assert type(cli.model).__name__ == "SFTModule" and any("lora_" in k for k in cli.model.state_dict())
     losses = csv_losses(tmp_path / "run/version_0/metrics.csv")
     assert len(losses) == 3 and losses[2] < losses[0]  # the chosen responses become likelier
@@ -258,7 +265,10 @@ def test_resume_after_interruption_continues_the_same_loss_curve(tiny_dir, tmp_p
     assert all(resumed[step] == straight[step] for step in resumed)
 
 
-SIMPO_LORA, DPO_FULL = ("tiny.yaml", []), ("dpo.yaml", ["--model.lora", "null"])  # DPO: a sharded frozen reference
+SIMPO_LORA, DPO_FULL = (
+    ("testing/tiny.yaml", []),
+    ("methods/dpo.yaml", ["--model.lora", "null"]),
+)  # DPO: a sharded frozen reference
 
 
 @pytest.mark.slow
@@ -278,14 +288,14 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     cli_main(["fit", *common, *quiet, "--data.batch_size", "4", "--model.policy.dtype", "float64"])
     one = csv_losses(tmp_path / "run/version_0/metrics.csv")
     two_processes = [*common, "--data.batch_size", "2", *TWO_PROCESSES]
-    if config == "dpo.yaml":
+    if config == "methods/dpo.yaml":
         precompute = ["--model.reference.precompute", "true", "--data.cache_dir", str(tmp_path / "cache")]
         run_command(["fit", *two_processes, *quiet, *precompute], tmp_path)
         assert len(list((tmp_path / "cache").glob("ref-*.pt"))) == 2 and not list((tmp_path / "cache").glob("*.tmp-*"))
         two = csv_losses(tmp_path / "run/version_1/metrics.csv")
     else:
         # The interrupted run also generates with GenerationMonitor before training: in lockstep (synced_gpus).
-        monitor = {"class_path": "simpo_lightning.monitor.GenerationMonitor", "init_args": {"max_new_tokens": 4}}
+        monitor = {"class_path": "simpo_lightning.callbacks.GenerationMonitor", "init_args": {"max_new_tokens": 4}}
         interrupt = {"class_path": "helpers.Interrupt", "init_args": {"step": 3}}
         callbacks = json.dumps([EVERY_STEP_CHECKPOINT, interrupt, monitor])
         interrupted = run_command(

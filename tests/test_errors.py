@@ -49,12 +49,6 @@ def bad_inputs(folder) -> dict[str, tuple[str, str]]:
     return cases
 
 
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    """Runs every test in its own folder: a fit that fails after set-up has written its config.yaml there."""
-    monkeypatch.chdir(tmp_path)
-
-
 def tiny_fit(tiny_dir: str, *extra: str) -> list[str]:
     """``fit`` on the tiny model with no logger, callbacks or checkpoints."""
     quiet = ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
@@ -111,7 +105,7 @@ def test_one_line_condenses_jsonargparse_messages():
 
 
 def judge(function: str) -> str:
-    return json.dumps({"class_path": "simpo_lightning.judges.CallableJudge", "init_args": {"function": function}})
+    return json.dumps({"class_path": "simpo_lightning.generation.CallableJudge", "init_args": {"function": function}})
 
 
 def wrong_count(prompts, responses, references):
@@ -125,7 +119,13 @@ def not_a_number(prompts, responses, references):
 def command_cases(tiny_dir: str, folder: Path) -> dict[str, tuple[list[str], str, list[str]]]:
     """name -> (command line, what its one error line must say, files under ``folder`` it must not leave behind
     for a rerun to take as finished work); the files the cases read: ``case_files``."""
-    grpo = ["--config", str(ROOT / "configs/grpo-demo.yaml"), *tiny_model_args(tiny_dir), "--data.cache_dir", "null"]
+    grpo = [
+        "--config",
+        str(ROOT / "configs/online/grpo-demo.yaml"),
+        *tiny_model_args(tiny_dir),
+        "--data.cache_dir",
+        "null",
+    ]
     out = str(folder / "out.jsonl")
     generate = ["generate", "--prompts", "demo", "--output", out, "--model", tiny_dir, "--max_prompts", "2"]
     pairs = ["pairs", "--generations", str(folder / "generations.jsonl"), "--output", out]
@@ -191,15 +191,19 @@ def command_cases(tiny_dir: str, folder: Path) -> dict[str, tuple[list[str], str
             "reference.precompute does not apply to kto",
             [],
         ),
-        "GRPO one sample": (["fit", *grpo, "--model.sampling.n", "1"], "grpo needs G ≥ 2 samples per prompt", []),
+        "GRPO one sample": (
+            ["fit", *grpo, "--model.sampling.n", "1"],
+            "GRPOModule needs 2 or more samples per prompt",
+            [],
+        ),
         "GRPO greedy": (
             ["fit", *grpo, "--model.sampling.temperature", "0"],
             "online sampling needs sampling.temperature > 0",
             [],
         ),
         "negative clip range": (
-            ["fit", *grpo, "--model.method.epsilon", "-0.1"],
-            "model.method.epsilon = -0.1: must be ≥ 0",
+            ["fit", *grpo, "--model.update.epsilon", "-0.1"],
+            "model.update.epsilon = -0.1: must be ≥ 0",
             [],
         ),
         # generate
@@ -257,12 +261,12 @@ def command_cases(tiny_dir: str, folder: Path) -> dict[str, tuple[list[str], str
             ["rounds"],
         ),
         "random-init fit config": (
-            ["rounds", "--fit_config", str(ROOT / "configs/tiny.yaml"), "--run_dir", str(folder / "rounds")],
+            ["rounds", "--fit_config", str(ROOT / "configs/testing/tiny.yaml"), "--run_dir", str(folder / "rounds")],
             "random_init weights are made anew by every fit",
             ["rounds"],
         ),
         "zero rounds": (
-            ["rounds", "--fit_config", str(ROOT / "configs/tiny.yaml"), "--rounds", "0"],
+            ["rounds", "--fit_config", str(ROOT / "configs/testing/tiny.yaml"), "--rounds", "0"],
             "rounds = 0: at least one round",
             [],
         ),
@@ -305,7 +309,7 @@ def command_cases(tiny_dir: str, folder: Path) -> dict[str, tuple[list[str], str
             "no command 'frobnicate'; the commands are fit, validate, test, evaluate, export, generate, pairs, rounds",
             [],
         ),
-        "predict": (["predict", "--config", str(ROOT / "configs/tiny.yaml")], "`generate` answers prompts", []),
+        "predict": (["predict", "--config", str(ROOT / "configs/testing/tiny.yaml")], "`generate` answers prompts", []),
         "unknown option": ([*generate, "--frob", "1"], "unrecognized arguments: --frob", ["out.jsonl"]),
     }
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 import trl  # noqa: F401  (a test dependency: without it these tests fail instead of skipping)
 
-from simpo_lightning.batch import PairBatch, Sequences, UnpairedBatch, mismatched
-from simpo_lightning.logprobs import IGNORE_INDEX
-from simpo_lightning.model import PolicyConfig
-from simpo_lightning.module import LossConfig, SimPOModule
-from simpo_lightning.scoring import score_sequences
+from simpo_lightning.data.batch import PairBatch, Sequences, UnpairedBatch, mismatched
+from simpo_lightning.methods.preference import LossConfig, SimPOModule
+from simpo_lightning.models.loading import PolicyConfig
+from simpo_lightning.scoring.logprobs import IGNORE_INDEX
+from simpo_lightning.scoring.sequences import score_sequences
 
 from helpers import rounding_bound
 
@@ -381,14 +381,15 @@ def test_grpo_loss_and_gradients_match_trls(tiny_dir, tokenizer, tmp_path, loss_
     the float32 rule."""
     from trl import GRPOConfig, GRPOTrainer
 
-    from simpo_lightning.generation import SamplingConfig
-    from simpo_lightning.online import OnlineConfig, OnlineModule, Rollout
+    from simpo_lightning.generation.sampling import SamplingConfig
+    from simpo_lightning.methods import GRPOConfig as OurGRPOConfig
+    from simpo_lightning.methods import GRPOModule, Rollout, UpdateConfig
 
-    method = OnlineConfig(loss_type=loss_type, beta=0.04, epsilon=0.2, epsilon_high=0.28, kl_bias_correction=correction)
-    module = OnlineModule(
+    module = GRPOModule(
         policy=PolicyConfig(name_or_path=tiny_dir),
         lora=None,
-        method=method,
+        method=OurGRPOConfig(beta=0.04, loss_type=loss_type, kl_bias_correction=correction),
+        update=UpdateConfig(epsilon=0.2, epsilon_high=0.28),
         sampling=SamplingConfig(n=2, temperature=0.7, max_new_tokens=6),
     )
     module.configure_model()
@@ -418,8 +419,18 @@ def test_grpo_loss_and_gradients_match_trls(tiny_dir, tokenizer, tmp_path, loss_
     old = (current + 0.3 * torch.randn(current.shape, generator=generator, dtype=torch.float64)) * mask
     ref = (current + 0.2 * torch.randn(current.shape, generator=generator, dtype=torch.float64)) * mask
     rewards = torch.zeros(4)
-    rollout = Rollout([prompt] * 4, completions, mask, mask[:, -1].bool(), rewards, advantages, old, ref)
-    ours_loss, _ = module._micro_loss(rollout, torch.arange(4), sequences=4, tokens=float(mask.sum()))
+    rollout = Rollout(
+        prompts=[prompt] * 4,
+        completions=completions,
+        mask=mask,
+        ended=mask[:, -1].bool(),
+        rewards=rewards,
+        texts=[],
+        advantages=advantages,
+        old_logps=old,
+        ref_logps=ref,
+    )
+    ours_loss, _ = module.micro_loss(rollout, torch.arange(4), sequences=4, tokens=float(mask.sum()))
     inputs = {
         "prompt_ids": torch.tensor([prompt] * 4),
         "prompt_mask": torch.ones(4, len(prompt), dtype=torch.long),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from simpo_lightning.onpolicy import read_jsonl
+from simpo_lightning.generation.commands import read_jsonl
 from simpo_lightning.rounds import rounds
 
 from helpers import ROOT, tiny_model_args, wandb_history, write_jsonl
@@ -21,15 +21,15 @@ def test_rounds_train_from_the_previous_round_and_skip_finished_stages(tiny_dir,
     )
     steps = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
     common = dict(
-        fit_config=str(ROOT / "configs/tiny.yaml"),
+        fit_config=str(ROOT / "configs/testing/tiny.yaml"),
         prompts=str(prompts),
         val_data=str(val),
         fit_args=tiny + steps,
         run_dir=str(tmp_path / "runs"),
         name="test",
     )
-    from simpo_lightning.generation import SamplingConfig
-    from simpo_lightning.judges import CallableJudge
+    from simpo_lightning.generation.judges import CallableJudge
+    from simpo_lightning.generation.sampling import SamplingConfig
 
     sampling = SamplingConfig(n=3, temperature=1.0, max_new_tokens=4)
     judge = CallableJudge("helpers.shortest_wins")

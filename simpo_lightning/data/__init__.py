@@ -1,6 +1,8 @@
-"""Preference data: sources (``sources``), row formats and tokenisation (``encoding``), collation and
-sampling (``collate``), the DataModule (``datamodule``) and prompts for online methods (``prompts``)."""
+"""Data, read in order: sources (``sources``), row formats and tokenisation (``encoding``), tokenised stores
+(``store``), the batch types (``batch``), collation and sampling (``collate``), the DataModule (``datamodule``),
+prompts for online methods (``prompts``), and the built-in demo task (``demo``)."""
 
+from simpo_lightning.data.batch import IGNORE_INDEX, PackedPairs, PairBatch, Sequences, UnpairedBatch, pad_right
 from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator, pack_pairs
 from simpo_lightning.data.datamodule import PreferenceDataModule
 from simpo_lightning.data.encoding import (
@@ -16,6 +18,12 @@ from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Skip, Source,
 
 __all__ = [
     "FILE_SUFFIXES",
+    "IGNORE_INDEX",
+    "PackedPairs",
+    "PairBatch",
+    "Sequences",
+    "UnpairedBatch",
+    "pad_right",
     "Columns",
     "DataError",
     "GlobalBatchSampler",

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DistributedSampler
 
-from simpo_lightning.batch import PackedPairs, PairBatch, Sequences, UnpairedBatch, mismatched, pad_right
+from simpo_lightning.data.batch import PackedPairs, PairBatch, Sequences, UnpairedBatch, mismatched, pad_right
 
 
 def pack_pairs(examples: list[dict], pad_token_id: int) -> PackedPairs:

@@ -24,10 +24,6 @@ log = logging.getLogger(__name__)
 # GlobalBatchSampler makes mid-epoch resumption exact (it skips the trained batches, see
 # PreferenceDataModule.train_dataloader); Lightning cannot see that and would warn otherwise.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-# Recorded in checkpoints' hyperparameters; they lived in simpo_lightning.data before it became a package.
-torch.serialization.add_safe_globals(
-    [Columns, Truncation, (Columns, "simpo_lightning.data.Columns"), (Truncation, "simpo_lightning.data.Truncation")]
-)
 
 
 class PreferenceDataModule(L.LightningDataModule):

@@ -8,9 +8,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from simpo_lightning.data.datamodule import PreferenceDataModule
-from simpo_lightning.data.encoding import Columns, encode_prompt, split_hh
+from simpo_lightning.data.encoding import Columns, Format, Truncation, encode_prompt, split_hh
 from simpo_lightning.data.sources import DataError, Skip, Source
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,43 @@ class PromptDataModule(PreferenceDataModule):
     preference pairs of ``val_data`` / ``test_data`` as ``PreferenceDataModule`` gives them (reward accuracy;
     exact match where rows carry a reference answer; ``val_prompts``, their distinct prompts, for the judge's
     score of greedy answers); None: ``demo:val`` for the demo, else no validation.
-    Every other argument is ``PreferenceDataModule``'s.
+    Every other argument is ``PreferenceDataModule``'s; its ``val_fraction`` and ``group_by_length`` have no part
+    here (no prompt is held out of training, prompts are drawn at random).
     """
+
+    def __init__(
+        self,
+        train_data: str | None = "demo",
+        val_data: str | None = None,
+        test_data: str | None = None,
+        format: Format = "auto",
+        columns: Columns = Columns(),
+        truncation: Truncation = Truncation(),
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        shared_prompt: bool = True,
+        cache_dir: str | None = "~/.cache/simpo-lightning",
+        num_proc: int = 1,
+        prepare_data_per_node: bool = True,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        super().__init__(
+            train_data,
+            val_data,
+            test_data,
+            format,
+            columns,
+            truncation,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            shared_prompt=shared_prompt,
+            cache_dir=cache_dir,
+            num_proc=num_proc,
+            prepare_data_per_node=prepare_data_per_node,
+            tokenizer=tokenizer,
+        )
 
     def _sources(self) -> list[str]:
         hp = self.hparams

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from simpo_lightning import demo
+from simpo_lightning.data import demo
 from simpo_lightning.errors import UserError
 
 Row = dict[str, Any]
@@ -84,7 +84,7 @@ class Source:
         if not self.streams:
             yield from self._whole()[start:stop]
             return
-        with _text(self.path) as lines:
+        with _text_lines(self.path) as lines:
             for index, line in enumerate(lines):
                 if index >= stop:
                     break
@@ -111,7 +111,7 @@ def file_hash(path: Path) -> str:
 
 
 @contextmanager
-def _text(path: Path) -> Iterator[io.TextIOBase]:
+def _text_lines(path: Path) -> Iterator[io.TextIOBase]:
     """The file as UTF-8 text (decompressed for ``.gz``), with errors that say what is wrong with it."""
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
@@ -126,7 +126,7 @@ def _text(path: Path) -> Iterator[io.TextIOBase]:
 
 
 def _count_lines(path: Path) -> int:
-    with _text(path) as lines:
+    with _text_lines(path) as lines:
         return sum(1 for _ in lines)
 
 
@@ -139,7 +139,7 @@ def _read_whole_file(path: Path) -> list[tuple[int, Row]]:
             return list(enumerate(pq.read_table(path).to_pylist()))
         except pyarrow.ArrowException as e:
             raise DataError(f"{path}: not a readable Parquet file ({e})") from e
-    with _text(path) as f:
+    with _text_lines(path) as f:
         text = f.read()
     try:
         data = json.loads(text)
