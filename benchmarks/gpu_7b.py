@@ -3,7 +3,7 @@
     python benchmarks/gpu_7b.py                  # Mistral-7B and Llama-3-8B architectures, bfloat16
     python benchmarks/gpu_7b.py --cpu --tiny --lengths 64 128  # a 2-layer shrink of each, short, on CPU (the test)
 
-The architectures are the public configs in ``benchmarks/architectures/`` (no weights are
+The architectures are the public configs in ``configs/architectures/`` (no weights are
 downloaded: the weights are random, which changes nothing about time or memory). Each run builds
 ``SimPOModule`` with LoRA r=16 on all linear layers and times ``steps`` optimizer steps of its real
 training step (``module.step``, backward, AdamW) on batches of ``pairs`` random pairs whose chosen and
@@ -34,7 +34,7 @@ from simpo_lightning.models.tiny import TINY_ARCHITECTURE
 
 from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes
 
-ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
+ARCHITECTURES = Path(__file__).resolve().parents[1] / "configs" / "architectures"
 
 
 def model_folder(name: str, tiny: bool, workdir: Path) -> str:

@@ -159,6 +159,15 @@ class LossCurve(L.Callback):
         self.losses.append(outputs["loss"].item())
 
 
+class LogGradientNorm(L.Callback):
+    """Logs ``train/grad_norm``: the global norm (float64) of the gradients each optimizer step uses, before
+    clipping; under DDP, after its averaging over processes."""
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        grads = [p.grad.double() for p in module.parameters() if p.grad is not None]
+        module.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
 class GradientsHeld(L.Callback):
     """Records, after each training batch (gradients are kept until the next step), how many trainable
     parameters still hold a gradient and the global norm of those gradients."""
@@ -327,9 +336,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def csv_losses(metrics: Path) -> dict[int, float]:
-    """``train/loss`` by step from a CSVLogger's metrics.csv."""
-    return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")}
+def csv_losses(metrics: Path, key: str = "train/loss") -> dict[int, float]:
+    """``key`` (``train/loss``) by step from a CSVLogger's metrics.csv."""
+    return {int(r["step"]): float(r[key]) for r in csv.DictReader(metrics.open()) if r.get(key)}
 
 
 def wandb_records(path: Path) -> list:

@@ -25,6 +25,21 @@ def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
 
 
 @pytest.mark.slow
+def test_packing_benchmark_runs_every_layout_and_packs_more_pairs_with_less_padding(tmp_path):
+    """Each layout in its own process on the HH-RLHF pairs (the demo's where the file is absent)."""
+    command = [sys.executable, str(ROOT / "benchmarks/packing.py"), "--tiny", "--steps", "1", "--datasets", "hh"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = result.stdout.split("| data | layout |")[1]
+    rows = {row[1]: row for row in (line.split(" | ") for line in table.splitlines() if line.startswith("| hh |"))}
+    assert list(rows) == ["default", "grouped", "packed"]
+    padding = {layout: float(row[5].rstrip("%")) for layout, row in rows.items()}
+    pairs = {layout: float(row[3]) for layout, row in rows.items()}
+    assert padding["packed"] < 3 < padding["default"] and pairs["packed"] > pairs["default"]
+    assert all(float(row[6]) > 0 for row in rows.values())  # real tokens/s
+
+
+@pytest.mark.slow
 def test_gpu_7b_script_runs_on_cpu_at_tiny_size():
     command = [
         sys.executable,

@@ -312,3 +312,33 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     assert len(set(one.values())) == 5  # the loss moves, so equal curves mean equal training
     for step in one:
         assert_rounding_close(two[step], one[step], reduction=VOCAB, what=f"step {step}")
+
+
+# SimPO with LoRA; DPO fully fine-tuned, with its frozen reference copy; SimPO on rows of up to 160 tokens of
+# pairs of 50 to 67: 2 or 3 pairs a row, so the processes' batches hold different numbers of pairs (3 and 2 at
+# step 2, 2 and 3 at step 3).
+PACKED = ("testing/tiny.yaml", ["--data.max_tokens_per_row", "160"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, extra", [SIMPO_LORA, DPO_FULL, PACKED], ids=["simpo-lora", "dpo-full", "packed"])
+def test_two_process_ddp_gives_the_one_process_losses_and_gradients(tiny_dir, tmp_path, config, extra):
+    """DDP (Lightning's strategy for several devices), 2 processes × 2 pairs (packed: rows) against 1 process × 4:
+    the same loss and the same gradient norm at every step. The chunked head calls the decoder and the output head
+    directly, outside the module's own forward, and DDP still averages their gradients (a process's own half
+    batch would give another norm); packed, the loss stays the mean over the global batch's pairs. Both runs in
+    float64, held to the float32 rule (Llama computes its norms in float32). (FSDPStrategy refuses the CPU;
+    ModelParallelStrategy's FSDP2 is the test above.)"""
+    gradients = json.dumps([{"class_path": "helpers.LogGradientNorm"}])
+    quiet = ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", gradients]
+    steps = ["--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", "--model.policy.dtype", "float64"]
+    common = tiny_args(tiny_dir, tmp_path, *extra, *steps, *quiet, config=config)
+    rows = "--data.max_tokens_per_row" in extra
+    cli_main(["fit", *common, "--data.batch_size", "2" if rows else "4"])
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    run_command(["fit", *common, "--data.batch_size", "1" if rows else "2", *ddp], tmp_path, PYTHONPATH=str(TESTS))
+    for key in ("train/loss", "train/grad_norm"):
+        one, two = (csv_losses(tmp_path / f"run/version_{v}/metrics.csv", key) for v in (0, 1))
+        assert sorted(one) == sorted(two) == list(range(4)) and len(set(one.values())) == 4, key
+        for step in one:
+            assert_rounding_close(two[step], one[step], reduction=VOCAB, what=f"{key} at step {step}")

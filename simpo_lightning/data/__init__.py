@@ -3,7 +3,14 @@
 prompts for online methods (``prompts``), and the built-in demo task (``demo``)."""
 
 from simpo_lightning.data.batch import IGNORE_INDEX, PackedPairs, PairBatch, Sequences, UnpairedBatch, pad_right
-from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator, pack_pairs
+from simpo_lightning.data.collate import (
+    GlobalBatchSampler,
+    PackedSampler,
+    PreferenceCollator,
+    TaggedRows,
+    first_fit,
+    pack_pairs,
+)
 from simpo_lightning.data.datamodule import PreferenceDataModule
 from simpo_lightning.data.encoding import (
     Columns,
@@ -27,6 +34,7 @@ __all__ = [
     "Columns",
     "DataError",
     "GlobalBatchSampler",
+    "PackedSampler",
     "PairEncoder",
     "PreferenceCollator",
     "PreferenceDataModule",
@@ -35,8 +43,10 @@ __all__ = [
     "PromptRow",
     "Skip",
     "Source",
+    "TaggedRows",
     "Truncation",
     "encode_rows",
+    "first_fit",
     "pack_pairs",
     "read_prompts",
     "read_source",

@@ -83,23 +83,30 @@ def mismatched(seqs: Sequences, pad_token_id: int) -> Sequences:
 
 @dataclass
 class PackedPairs:
-    """Each pair as one sequence ``[prompt, chosen, rejected]``, the prompt once (``pack_pairs``).
+    """Pairs as rows of ``[prompt, chosen, rejected]``, the prompt once (``pack_pairs``): one pair a row, or
+    several (``data.max_tokens_per_row``), each with position ids of its own and attending to itself only.
 
     Attributes:
-        input_ids: ``[B, T]``.
-        position_ids: ``[B, T]``; the rejected part continues from the end of the prompt.
-        segments: ``[B, T]``: 0 prompt, 1 chosen, 2 rejected, -1 padding.
+        input_ids: ``[R, T]``.
+        position_ids: ``[R, T]``; each pair's start at 0, its rejected part continuing from the end of its prompt.
+        segments: ``[R, T]``: 0 prompt, 1 chosen, 2 rejected, -1 padding.
+        pairs: ``[R, T]``: the pair (its place in the batch) each token belongs to, -1 padding.
         index: ``[M]``, per scored response token: ``row * T + position`` of the output that predicts it.
         targets: ``[M]``, the token.
         sequence: ``[M]``, ``i`` for pair i's chosen, ``B + i`` for its rejected.
+        ends: ``[2B]``, ``row * T + position`` of each response's last token (pair i's chosen, then rejected).
+        spans: per row, each pair's ``(start, end)`` positions, from 0 on without gaps (``models.attention``).
     """
 
     input_ids: Tensor
     position_ids: Tensor
     segments: Tensor
+    pairs: Tensor
     index: Tensor
     targets: Tensor
     sequence: Tensor
+    ends: Tensor
+    spans: list[list[tuple[int, int]]]
 
 
 @dataclass
@@ -127,6 +134,13 @@ class PairBatch:
     def tokens(self) -> Tensor:
         """Non-padding tokens of both sequences (the prompt counted twice, as in the standard layout)."""
         return (self.chosen.attention_mask.sum() + self.rejected.attention_mask.sum()).float()
+
+    def positions(self) -> int:
+        """Token positions the model computes for this batch, padding included: its packed rows, or both
+        sequences."""
+        if self.packed is not None:
+            return self.packed.input_ids.numel()
+        return self.chosen.input_ids.numel() + self.rejected.input_ids.numel()
 
     def both(self) -> Sequences:
         """Chosen then rejected, ``[2B, T]``."""

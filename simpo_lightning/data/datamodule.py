@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from simpo_lightning.data.collate import GlobalBatchSampler, PreferenceCollator
+from simpo_lightning.data.collate import GlobalBatchSampler, PackedSampler, PreferenceCollator, TaggedRows
 from simpo_lightning.data.encoding import Columns, Format, PairEncoder, Truncation, tokenizer_fingerprint
 from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Source
 from simpo_lightning.data.store import cached_store, encoder_fingerprint, load_store, store_report
@@ -58,6 +58,11 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: processes that tokenise a source when its store is built (each a range of its rows).
         prepare_data_per_node: true: one process per node tokenises, for a ``cache_dir`` on each node's own
             disk; false: one process of the whole run does, for a ``cache_dir`` that every node shares.
+        max_tokens_per_row: pack training pairs: several ``[prompt, chosen, rejected]`` a row, up to this many
+            tokens (a longer pair gets a row of its own), and ``batch_size`` rows a batch, so batches hold as
+            many pairs as fit instead of a fixed count, with almost no padding (``data.collate.PackedSampler``).
+            Each pair keeps its own positions and attends to itself only; the loss is a mean over the batch's
+            pairs. None: ``batch_size`` pairs a batch, one a row. Needs ``shared_prompt`` and paired data.
         tokenizer: set by the command from the model; pass one when building the DataModule by hand.
     """
 
@@ -78,6 +83,7 @@ class PreferenceDataModule(L.LightningDataModule):
         cache_dir: str | None = "~/.cache/simpo-lightning",
         num_proc: int = 1,
         prepare_data_per_node: bool = True,
+        max_tokens_per_row: int | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
@@ -88,6 +94,11 @@ class PreferenceDataModule(L.LightningDataModule):
                 "a datasets name or folder, or demo)"
             )
         require(batch_size >= 1, f"data.batch_size = {batch_size}: at least one pair per batch")
+        require(
+            max_tokens_per_row is None or (max_tokens_per_row >= 2 and shared_prompt),
+            f"data.max_tokens_per_row = {max_tokens_per_row}: packing lays out [prompt, chosen, rejected] rows, "
+            "so it needs data.shared_prompt true and at least 2 tokens",
+        )
         require(0 < val_fraction < 1, f"data.val_fraction = {val_fraction}: must be in (0, 1)")
         require(
             num_proc >= 1 and num_workers >= 0,
@@ -192,17 +203,32 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        train = self.splits["train"]
-        lengths = np.asarray(train.with_format("numpy")["length"]) if self.hparams.group_by_length else None
-        return self._loader("train", self.train_sampler(len(train), lengths))
+        train, hp = self.splits["train"], self.hparams
+        if hp.max_tokens_per_row is None:
+            lengths = np.asarray(train.with_format("numpy")["length"]) if hp.group_by_length else None
+            return self._loader("train", self.train_sampler(len(train), lengths))
+        if "chosen" not in train.column_names:
+            raise DataError("data.max_tokens_per_row packs pairs; these rows are unpaired completions (kto)")
+        lengths = np.asarray(train.with_format("numpy")["length"]).tolist()
+        sampler = self.train_sampler(len(train), packed=lengths)
+        collate = PreferenceCollator(self.tokenizer.pad_token_id, shared_prompt=True)
+        return DataLoader(
+            TaggedRows(train), batch_size=None, sampler=sampler, collate_fn=collate, num_workers=hp.num_workers
+        )
 
-    def train_sampler(self, size: int, lengths: np.ndarray | None = None) -> GlobalBatchSampler:
-        """This process's share of each global training batch, resuming mid-epoch where a checkpoint left off."""
-        trainer = self.trainer
+    def train_sampler(
+        self, size: int, lengths: np.ndarray | None = None, packed: list[int] | None = None
+    ) -> GlobalBatchSampler | PackedSampler:
+        """This process's share of each global training batch (of pairs, or of rows packed from pairs of the
+        ``packed`` lengths), resuming mid-epoch where a checkpoint left off."""
+        trainer, hp = self.trainer, self.hparams
         # Data-parallel replicas (with tensor parallelism, fewer than the processes).
         replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
         world_size, rank = (replicas["num_replicas"], replicas["rank"]) if replicas else (1, 0)
-        sampler = GlobalBatchSampler(size, self.hparams.batch_size, world_size, rank, self.hparams.seed, lengths)
+        if packed is not None:
+            sampler = PackedSampler(packed, hp.max_tokens_per_row, hp.batch_size, world_size, rank, hp.seed)
+        else:
+            sampler = GlobalBatchSampler(size, hp.batch_size, world_size, rank, hp.seed, lengths)
         if trainer is not None and trainer.fit_loop.restarting:
             # Resuming: the restored loop state says how many batches of this epoch were trained on
             # ("processed": checkpoints are written in on_train_batch_end, before "completed" counts the batch).

@@ -290,6 +290,15 @@ class SupervisedModule(TrainingModule):
         self.log_dict({f"train/{k}": v.mean() for k, v in metrics.items() if k != "loss" and v.numel()}, batch_size=n)
         return loss
 
+    def pair_mean(self, losses: Tensor) -> Tensor:
+        """The training loss from per-pair ``losses``: their mean over the pairs of every process's batch. Data
+        parallelism averages the processes' gradients, and packed batches (``data.max_tokens_per_row``) hold
+        different numbers of pairs, so each process's sum is scaled by the processes' count over the pairs of all."""
+        if not self.training or self._trainer is None or self.trainer.world_size == 1:
+            return losses.mean()
+        count = self.trainer.strategy.reduce(torch.tensor(float(len(losses)), device=losses.device), reduce_op="sum")
+        return losses.sum() * self.trainer.world_size / count
+
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,

@@ -113,7 +113,7 @@ class SimPOModule(SupervisedModule):
             if self.training:
                 self._observe_gaps(args[0] - args[1])
         losses, chosen_rewards, rejected_rewards = self.method.loss(*args, **lengths, **hparams)
-        loss = losses.mean() + self._nll(chosen)
+        loss = self.pair_mean(losses) + self._nll(chosen)
         metrics = preference_metrics(
             losses, {"chosen": (chosen_rewards, chosen), "rejected": (rejected_rewards, rejected)}, average, paired=True
         )

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from simpo_lightning.data.batch import PairBatch
+from simpo_lightning.data.batch import PackedPairs, PairBatch
 from simpo_lightning.errors import UserError, require
 from simpo_lightning.methods.base import SupervisedModule, pair_reward_metrics
-from simpo_lightning.models.loading import LoraConfig, PolicyConfig, build_policy, reward_pad_token
+from simpo_lightning.models.loading import LoraConfig, PolicyConfig, build_policy, reward_pad_token, without_peft
 from simpo_lightning.scoring.logprobs import at_least_float32
+from simpo_lightning.scoring.sequences import shared_prompt_mask
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
 METRICS += ["accuracy", "margin", "mean_reward"]
@@ -71,17 +72,36 @@ class RewardModule(SupervisedModule):
         """``[N]`` rewards of right-padded sequences, read at each one's last token that is not padding."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0]
 
+    def packed_rewards(self, packed: PackedPairs) -> Tensor:
+        """``[2B]`` rewards, chosen then rejected, of shared-prompt rows (``data.shared_prompt``, several pairs a
+        row with ``data.max_tokens_per_row``): the backbone's hidden state at each response's last token through
+        the scoring head, as ``rewards`` reads each sequence, with the prompt computed once."""
+        model = without_peft(self.model)
+        decoder = getattr(model, model.base_model_prefix)
+        hidden = decoder(
+            input_ids=packed.input_ids,
+            attention_mask=shared_prompt_mask(packed.segments, packed.pairs),
+            position_ids=packed.position_ids,
+            pair_spans=packed.spans,
+            use_cache=False,
+        ).last_hidden_state
+        return model.score(hidden.flatten(0, 1)[packed.ends])[:, 0]
+
     def step(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if not isinstance(batch, PairBatch):
             raise UserError("RewardModule trains on preference pairs (chosen and rejected), not unpaired data")
-        both = batch.both()
-        chosen, rejected = at_least_float32(self.rewards(both.input_ids, both.attention_mask)).chunk(2)
+        if batch.packed is not None:
+            both_rewards = self.packed_rewards(batch.packed)
+        else:
+            both = batch.both()
+            both_rewards = self.rewards(both.input_ids, both.attention_mask)
+        chosen, rejected = at_least_float32(both_rewards).chunk(2)
         margins = chosen - rejected
         logits = margins
         if self.use_margin and batch.margin is not None:
             logits = margins - batch.margin.nan_to_num(0.0).to(margins)
         losses = -F.logsigmoid(logits)
-        loss = losses.mean()
+        loss = self.pair_mean(losses)
         if self.center_rewards_coefficient is not None:
             loss = loss + self.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
         metrics = pair_reward_metrics(chosen.detach(), rejected.detach())

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from simpo_lightning.errors import UserError, one_line
+from simpo_lightning.models.attention import SPANS
 from simpo_lightning.models.formats import QuantizationConfig, float_copy, load_quantized
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class PolicyConfig:
     disable_dropout: bool = True
     """Set every dropout to 0, as the SimPO reference does (LoRA's own dropout excepted)."""
     attn_implementation: str = "sdpa"
-    """Passed to ``transformers``: ``sdpa``, ``eager`` or ``flash_attention_2``."""
+    """Passed to ``transformers``: ``sdpa``, ``eager`` or ``flash_attention_2``. ``sdpa`` runs on each pair's own
+    block of packed rows (``models.attention``)."""
     quantization: QuantizationConfig | None = None
     """Load the base weights in 8 or 4 bits (needs LoRA). None: ``dtype``."""
     init_from: str | None = None
@@ -178,6 +180,8 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None, head: Head = "causa
         if not hasattr(config, key):
             raise UserError(f"model.policy.config_overrides: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
+    # SDPA, run on each pair's own block of packed rows (models.attention)
+    attention = SPANS if cfg.attn_implementation == "sdpa" else cfg.attn_implementation
     auto = AutoModelForCausalLM
     if head == "reward":
         auto, config.num_labels = AutoModelForSequenceClassification, 1
@@ -191,13 +195,11 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None, head: Head = "causa
                 "model.policy.quantization loads saved weights; random_init has none (save the random model first)"
             )
         # transformers cannot combine GGUF and bitsandbytes: a GGUF source loads from its float copy
-        model = load_quantized(path, cfg.quantization, cfg.dtype, cfg.attn_implementation, config, auto)
+        model = load_quantized(path, cfg.quantization, cfg.dtype, attention, config, auto)
     elif cfg.random_init:
-        model = auto.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attention)
     else:
-        model = from_pretrained(
-            auto, path, "weights", config=config, dtype=dtype, attn_implementation=cfg.attn_implementation
-        )
+        model = from_pretrained(auto, path, "weights", config=config, dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode; dropout is controlled by disable_dropout instead
     if cfg.disable_dropout:

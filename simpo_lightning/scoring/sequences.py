@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from simpo_lightning.data.batch import PackedPairs, PairBatch, Sequences, pad_right
 from simpo_lightning.models.loading import decoder_and_head
@@ -78,10 +79,11 @@ def score_sequences(model: nn.Module, seqs: Sequences, chunk: int | None) -> Sco
 
 
 def score_packed(model: nn.Module, packed: PackedPairs, chunk: int | None) -> Scores:
-    """Scores of chosen then rejected (``[2B]``) from shared-prompt sequences: rejected tokens attend to the
-    prompt and to themselves, never to the chosen tokens, and their position ids continue from the end of
-    the prompt, so each response is scored exactly as in its own sequence while the prompt is encoded once."""
-    visible = _shared_prompt_mask(packed.segments)
+    """Scores of chosen then rejected (``[2B]``) from shared-prompt rows: rejected tokens attend to the prompt and
+    to themselves, never to the chosen tokens (nor to another pair of the row), and their position ids continue
+    from the end of the prompt, so each response is scored exactly as in its own sequence while the prompt is
+    encoded once."""
+    visible = shared_prompt_mask(packed.segments, packed.pairs)
     logps, mean_logit = _flat_logps(
         model,
         _chunked_head(model, chunk),
@@ -91,17 +93,23 @@ def score_packed(model: nn.Module, packed: PackedPairs, chunk: int | None) -> Sc
         input_ids=packed.input_ids,
         attention_mask=visible,
         position_ids=packed.position_ids,
+        pair_spans=packed.spans,
     )
-    return _per_sequence(logps, mean_logit, packed.sequence, 2 * len(packed.segments))
+    return _per_sequence(logps, mean_logit, packed.sequence, len(packed.ends))
 
 
-def _shared_prompt_mask(segments: Tensor) -> Tensor:
-    """The ``[B, 1, T, T]`` attention mask of shared-prompt sequences (``segments``: 0 prompt, k > 0 the k-th
-    response, -1 padding): causal, and a response sees the prompt and itself only."""
+def shared_prompt_mask(segments: Tensor, pairs: Tensor | None = None) -> Tensor:
+    """The ``[B, 1, T, T]`` attention mask of shared-prompt rows (``segments``: 0 prompt, k > 0 the k-th response,
+    -1 padding; ``pairs``: which pair of the row a token belongs to, where a row holds several): causal, within
+    one pair, and a response sees its prompt and itself only. (A dense mask: a kernel computes the masked
+    positions too. With FlexAttention the same rule is a ``BlockMask`` whose masked blocks are skipped, but its
+    backward does not run on a CPU.)"""
     width = segments.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
     key, query = segments[:, None, :], segments[:, :, None]
     visible = causal & ((key == 0) | (key == query)) & (key >= 0)
+    if pairs is not None:
+        visible &= pairs[:, None, :] == pairs[:, :, None]
     visible |= torch.eye(width, dtype=torch.bool, device=segments.device)  # padding rows see themselves, not nothing
     return visible[:, None]
 
@@ -178,7 +186,7 @@ def pack_completions(
     device = completions.device
     inputs = {
         "input_ids": pad_right(rows, pad_token_id, width).to(device),
-        "attention_mask": _shared_prompt_mask(pad_right(segments, -1, width).to(device)),
+        "attention_mask": shared_prompt_mask(pad_right(segments, -1, width).to(device)),
         "position_ids": pad_right(positions, 0, width).to(device),
     }
 
@@ -221,7 +229,7 @@ def _flat_logps(
     index: Tensor,
     targets: Tensor,
     temperature: float = 1.0,
-    **inputs: Tensor,
+    **inputs,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of ``targets`` ``[M]`` predicted at flat positions ``index`` ``[M]`` (row * width + position)
     of the model's output with its logits divided by ``temperature``, and the mean logit there (no gradient).
@@ -240,8 +248,8 @@ def _flat_logps(
 
 def _per_sequence(logps: Tensor, mean_logit: Tensor, rows: Tensor, n: int) -> Scores:
     """Per-token values ``[M]`` of sequences ``rows`` ``[M]`` summed into ``Scores`` of ``n`` sequences."""
-    lengths = torch.bincount(rows, minlength=n)
-    if (lengths == 0).any():
+    lengths = torch.zeros(n, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+    if not is_fake(lengths) and (lengths == 0).any():  # fake tensors (``estimate``) have no values to check
         raise ValueError("a sequence has no response tokens; the data pipeline should have dropped it")
 
     def total(x: Tensor) -> Tensor:

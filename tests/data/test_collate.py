@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from simpo_lightning.data import GlobalBatchSampler, PreferenceCollator, PreferenceDataModule, pack_pairs
+from simpo_lightning.data import (
+    GlobalBatchSampler,
+    PackedSampler,
+    PreferenceCollator,
+    PreferenceDataModule,
+    first_fit,
+    pack_pairs,
+)
 from simpo_lightning.data.batch import PairBatch, UnpairedBatch
+from simpo_lightning.errors import UserError
 from simpo_lightning.scoring.logprobs import IGNORE_INDEX
 
 X = IGNORE_INDEX
@@ -41,6 +49,93 @@ def test_pack_pairs_by_hand():
     assert packed.index.tolist() == [1, 2, 1, 5, 5, 7]  # row 1 starts at 5: [1|2|3 4] -> 2 at 0, 3 at 0, 4 at 2
     assert packed.targets.tolist() == [7, 8, 9, 2, 3, 4]
     assert packed.sequence.tolist() == [0, 0, 2, 1, 3, 3]
+
+
+def test_pack_pairs_several_to_a_row_by_hand():
+    """Pairs 0 and 2 share row 0, each with positions from 0 and its own pair tag; pair 1 has row 1 to itself.
+    Row 0: [5 6 | 7 8 | 9] then [1 | 2 | 3 4]; pair 2's tokens start at 5, so its chosen token 2 is predicted at
+    5 (its prompt's last position) and its rejected tokens 3, 4 at 5 and 7."""
+    pairs = [
+        {"prompt": [5, 6], "chosen": [7, 8], "rejected": [9]},
+        {"prompt": [11], "chosen": [12], "rejected": [13]},
+        {"prompt": [1], "chosen": [2], "rejected": [3, 4]},
+    ]
+    packed = pack_pairs(pairs, pad_token_id=0, rows=[[0, 2], [1]])
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4], [11, 12, 13, 0, 0, 0, 0, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 2], [0, 1, 1, 0, 0, 0, 0, 0, 0]]
+    assert packed.segments.tolist() == [[0, 0, 1, 1, 2, 0, 1, 2, 2], [0, 1, 2, -1, -1, -1, -1, -1, -1]]
+    assert packed.pairs.tolist() == [[0, 0, 0, 0, 0, 2, 2, 2, 2], [1, 1, 1, -1, -1, -1, -1, -1, -1]]
+    assert packed.index.tolist() == [1, 2, 1, 5, 5, 7, 9, 9]
+    assert packed.targets.tolist() == [7, 8, 9, 2, 3, 4, 12, 13]
+    assert packed.sequence.tolist() == [0, 0, 3, 2, 5, 5, 1, 4]
+    assert packed.ends.tolist() == [3, 10, 6, 4, 11, 8]  # chosen ends of pairs 0, 1, 2; then their rejected ends
+
+
+def test_collator_lays_out_the_rows_the_sampler_tagged():
+    pairs = [
+        {"prompt": [5], "chosen": [6], "rejected": [7], "row": 1},
+        {"prompt": [1], "chosen": [2], "rejected": [3], "row": 0},
+        {"prompt": [8], "chosen": [9], "rejected": [10], "row": 1},
+    ]
+    batch = PreferenceCollator(pad_token_id=0)(pairs)  # tagged rows are packed even without shared_prompt
+    assert batch.packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10], [1, 2, 3, 0, 0, 0]]
+    assert batch.chosen.input_ids.tolist() == [[5, 6], [1, 2], [8, 9]]  # the separate sequences, in pair order
+    assert batch.positions() == 12
+
+
+def test_first_fit_fills_rows_up_to_the_budget():
+    sizes = [5, 3, 4, 2, 9, 1]
+    rows = first_fit(list(range(6)), sizes, budget=8)
+    assert rows == [[4], [0, 1], [2, 3, 5]]  # 9 > 8 alone; then 5+3, 4+2+1
+    assert sorted(i for row in rows for i in row) == list(range(6))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_packed_sampler_covers_each_pair_once_in_rows_of_the_budget(world_size):
+    """Every pair once an epoch, rows within the budget (a longer pair alone), at most ``rows`` rows a process,
+    a seeded order, little padding, and a resumed epoch that skips the batches already trained."""
+    lengths = torch.randint(10, 300, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    lengths[7] = 700  # over the budget: a row of its own
+
+    def epoch(epoch, seed=0, rows=3):
+        samplers = [PackedSampler(lengths, 512, rows, world_size, rank, seed, pool=64) for rank in range(world_size)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        return samplers, [list(s) for s in samplers]
+
+    samplers, batches = epoch(0)
+    pairs = [i for per_rank in batches for batch in per_rank for i, _ in batch]
+    assert sorted(pairs) == list(range(200))
+    tokens, width = 0, 0
+    for per_rank in batches:
+        assert len(per_rank) == len(samplers[0])
+        for batch in per_rank:
+            rows = {}
+            for i, row in batch:
+                rows.setdefault(row, []).append(i)
+            assert len(rows) <= 3 and list(rows) == list(range(len(rows)))
+            sizes = [sum(lengths[i] for i in row) for row in rows.values()]
+            assert all(size <= 512 or len(row) == 1 for size, row in zip(sizes, rows.values()))
+            tokens, width = tokens + sum(sizes), width + max(sizes) * len(sizes)
+    assert 1 - tokens / width < 0.1  # padding share of the packed rows
+    assert batches == epoch(0)[1] and batches != epoch(1)[1] and batches != epoch(0, seed=1)[1]
+    resumed = PackedSampler(lengths, 512, 3, world_size, 0, 0, pool=64)
+    resumed.skip = (0, 2)
+    assert list(resumed) == batches[0][2:]
+
+
+def test_datamodule_packs_training_pairs_and_refuses_packing_without_a_shared_prompt(tokenizer):
+    dm = PreferenceDataModule(tokenizer=tokenizer, cache_dir=None, batch_size=2, max_tokens_per_row=400)
+    dm.setup()
+    lengths = dm.splits["train"]["length"]
+    batches = list(dm.train_dataloader())
+    assert sum(len(b) for b in batches) == len(lengths)
+    assert all(b.packed.input_ids.shape[0] <= 2 for b in batches)
+    assert max(len(b) for b in batches) > 2  # more pairs than rows: several a row
+    padding = 1 - sum(lengths) / sum(b.positions() for b in batches)
+    assert padding < 0.1, padding
+    with pytest.raises(UserError, match="data.max_tokens_per_row = 400: .* needs data.shared_prompt true"):
+        PreferenceDataModule(tokenizer=tokenizer, shared_prompt=False, max_tokens_per_row=400)
 
 
 def test_collator_for_unpaired_rows_builds_the_kl_sequences():

@@ -148,6 +148,30 @@ def test_shared_prompt_training_gives_the_separate_sequences_loss_curve(name, ti
     assert_curves_equal(curves[1], curves[0])
 
 
+@pytest.mark.parametrize("name", ["simpo", "dpo"])
+def test_pairs_packed_several_to_a_row_give_the_separate_sequences_loss_and_gradients(name, tiny_dir):
+    """Six pairs in three rows (3, 2 and 1 a row) against six separate pairs: the same loss and gradients (the
+    loss a mean over pairs, however packed). DPO fully fine-tuned, so its reference scores the packed rows too."""
+    data = demo_data(tiny_module(tiny_dir))
+    data.setup()
+    examples = data.splits["train"].select(range(6)).to_list()
+    tagged = [{**e, "row": row} for e, row in zip(examples, [0, 0, 0, 1, 1, 2])]
+    runs = []
+    for batch in (PreferenceCollator(data.tokenizer.pad_token_id)(b) for b in (examples, tagged)):
+        torch.manual_seed(0)
+        module = tiny_module(tiny_dir, name, lora=None)
+        module.configure_model()
+        loss = module.step(batch)[0]
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}))
+    (loss, grads), (packed_loss, packed_grads) = runs
+    assert batch.packed.input_ids.shape[0] == 3
+    assert_rounding_close(packed_loss, loss, VOCAB, what="loss")
+    assert packed_grads.keys() == grads.keys() and len(grads) > 10
+    for key, grad in grads.items():
+        assert_rounding_close(packed_grads[key], grad, VOCAB, what=key)
+
+
 def test_kto_trains_on_shared_prompt_batches_with_their_separate_sequences(tiny_dir):
     curves = loss_curves_without_and_with_shared_prompt(tiny_dir, "kto")
     assert len(curves[1]) == 3 and curves[1] == curves[0]

@@ -112,6 +112,31 @@ def test_margin_and_centering_enter_the_loss_as_written(tiny_dir):
     assert_rounding_close(loss, expected, reduction=8, dtype=torch.float64)
 
 
+def test_pairs_packed_several_to_a_row_give_the_separate_sequences_rewards_and_gradients(tiny_dir):
+    """Four pairs in two rows against four separate ones (padded, each reward read at the last token that is not
+    padding): the same rewards, loss and gradients, each reward read at the end of its own response."""
+    from simpo_lightning.data.collate import PreferenceCollator
+
+    runs = []
+    encoder = PairEncoder(reward_module(tiny_dir).tokenizer, Columns(), Truncation(), "auto")
+    examples = [{**encoder(row), "margin": row["margin"]} for row in ROWS]
+    for tags in (None, [0, 1, 0, 0]):
+        module = reward_module(tiny_dir, center_rewards_coefficient=0.01)
+        rows = examples if tags is None else [{**e, "row": t} for e, t in zip(examples, tags)]
+        batch = PreferenceCollator(module.tokenizer.pad_token_id)(rows)
+        assert (batch.packed is None) == (tags is None)
+        loss, metrics = module.step(batch)
+        loss.backward()
+        runs.append((loss, metrics, {n: p.grad for n, p in module.named_parameters() if p.grad is not None}))
+    (loss, metrics, grads), (packed_loss, packed_metrics, packed_grads) = runs
+    assert_rounding_close(packed_loss, loss, reduction=2048, what="loss")
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert_rounding_close(packed_metrics[key], metrics[key], reduction=2048, what=key)
+    assert packed_grads.keys() == grads.keys() and len(grads) > 10
+    for key, grad in grads.items():
+        assert_rounding_close(packed_grads[key], grad, reduction=2048, what=key)
+
+
 @pytest.mark.slow
 def test_a_trained_reward_model_exports_and_judges_as_it_scored(tiny_dir, tmp_path):
     """fit configs/methods/reward.yaml (LoRA, the head trained too) on the tiny model, export, load the folder with

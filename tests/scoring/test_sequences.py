@@ -102,3 +102,19 @@ def test_shared_prompt_forward_equals_separate_sequences(tiny_dir, tokenizer, lo
         assert_matches_float64(result, reference, tokenizer.vocab_size, name)
     chosen_tokens = (separate.chosen.labels[:, 1:] != IGNORE_INDEX).sum(-1)
     assert result[0].halves()[0].lengths.tolist() == chosen_tokens.tolist()
+
+
+@pytest.mark.parametrize("lora, chunk", [(None, 4), (LoraConfig(r=4), None)], ids=["full", "lora-full-logits"])
+def test_pairs_packed_several_to_a_row_score_as_separate_sequences(tiny_dir, tokenizer, lora, chunk):
+    """Four pairs in two rows (three in one, each with positions from 0 and attending to itself only) against the
+    separate sequences in float64: the same log-probs and gradients."""
+    examples = encoded(tokenizer) * 2
+    examples[2] = {**examples[2], "chosen": examples[2]["chosen"][:2]}  # four distinct pairs
+    examples[3] = {**examples[3], "rejected": examples[3]["rejected"][1:]}
+    tagged = [{**e, "row": row} for e, row in zip(examples, [0, 1, 0, 0])]
+    batch = PreferenceCollator(tokenizer.pad_token_id)(tagged)
+    assert batch.packed.input_ids.shape[0] == 2 and batch.packed.pairs[0].unique().tolist() == [0, 2, 3]
+    separate = PreferenceCollator(tokenizer.pad_token_id)(examples)
+    reference = scores_and_gradients(tiny_dir, lora, chunk, separate, double=True)
+    result = scores_and_gradients(tiny_dir, lora, chunk, batch)
+    assert_matches_float64(result, reference, tokenizer.vocab_size, "packed rows")
