@@ -96,7 +96,13 @@ def main() -> None:
         "--data.cache_dir",
         str(workdir / "cache"),
     ]
-    print("| run | peak memory GB | s per step (incl. start-up) | status |\n|---|---|---|---|", flush=True)
+    if not args.cpu:  # the estimate's prediction for the same run, at its worst-case batch (batch_size × max_length)
+        common += ["--estimate", "true"]
+    print(
+        "| run | peak memory GB | predicted GiB (worst-case batch) | s per step (incl. start-up) | status |\n"
+        "|---|---|---|---|---|",
+        flush=True,
+    )
     failed = 0
     for name, extra in runs(args.cpu).items():
         if name not in args.runs:
@@ -110,12 +116,18 @@ def main() -> None:
         )
         seconds = (time.perf_counter() - start) / args.steps
         peak = re.search(r"PEAK_MEMORY_GB (\S+) rank 0 ([\d.]+)", result.stdout)
+        predicted = re.search(r"estimate: predicted peak ([\d.]+) GiB", result.stdout)
+        predicted = predicted.group(1) if predicted else "-"
         if result.returncode != 0 or peak is None:
             failed += 1
             (workdir / f"{name}.log").write_text(result.stdout + result.stderr)
-            print(f"| {name} | - | - | failed: {(result.stderr.strip().splitlines() or ['?'])[-1][:120]} |", flush=True)
+            said = (result.stderr.strip().splitlines() or ["?"])[-1][:120]
+            print(f"| {name} | - | {predicted} | - | failed: {said} |", flush=True)
         else:
-            print(f"| {name} | {float(peak.group(2)):.3f} ({peak.group(1)}) | {seconds:.2f} | ok |", flush=True)
+            print(
+                f"| {name} | {float(peak.group(2)):.3f} ({peak.group(1)}) | {predicted} | {seconds:.2f} | ok |",
+                flush=True,
+            )
     print(f"logs of failed runs in {workdir}" if failed else "all runs finished")
     sys.exit(1 if failed else 0)
 

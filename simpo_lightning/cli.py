@@ -8,6 +8,7 @@ each takes ``--config`` with the same options in a YAML file.
 """
 
 import importlib
+import inspect
 import json
 import logging
 import signal
@@ -25,6 +26,7 @@ from simpo_lightning.loggers import WandbLogger  # noqa: F401  (its class path i
 
 # Name -> "module:function". Each function's typed signature and docstring make its options and --help.
 COMMANDS = {
+    "estimate": "simpo_lightning.estimate.command:estimate",
     "evaluate": "simpo_lightning.evaluation.evaluate:evaluate",
     "export": "simpo_lightning.models.export:export",
     "generate": "simpo_lightning.generation.commands:generate",
@@ -93,6 +95,12 @@ class SimPOCLI(LightningCLI):
         parser.set_defaults({"model": {"class_path": DEFAULT_MODULE}, "data": {"class_path": DEFAULT_DATA}})
         # Every module of this package loads its tokenizer; the data pipeline tokenises with it.
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
+        parser.add_argument(
+            "--estimate",
+            type=bool,
+            default=False,
+            help="before training, print the predicted peak memory per device (simpo-lightning estimate)",
+        )
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyperparameters of --ckpt_path here, the first time it opens the file: checked first
@@ -103,6 +111,8 @@ class SimPOCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
+        if self.config[self.subcommand].get("estimate") and self.trainer.is_global_zero:
+            self.print_estimate()
         # Lightning looks for ``ckpt_path: last`` only in this run's new version folder, where nothing is
         # saved yet; an interrupted run's checkpoint is in an earlier version folder beside it.
         config = self.config_init[self.subcommand]
@@ -115,6 +125,33 @@ class SimPOCLI(LightningCLI):
                 )
             print(f"resuming from {found}")
             config["ckpt_path"] = str(found)
+
+    def print_estimate(self) -> None:
+        """``estimate --brief`` of this run's resolved config, in a process of its own (fake tensors, a fake process
+        group); the device's memory where there is a GPU."""
+        import subprocess
+        import tempfile
+
+        import torch
+
+        text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+            file.write(text)
+            file.flush()
+            command = [
+                sys.executable,
+                "-m",
+                "simpo_lightning.cli",
+                "estimate",
+                "--config",
+                file.name,
+                "--brief",
+                "true",
+            ]
+            result = subprocess.run(command + ["--device_memory_gb", str(memory)], capture_output=True, text=True)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("estimate:")]
+        print(lines[-1] if lines else f"estimate failed: {(result.stdout + result.stderr).strip().splitlines()[-1:]}")
 
 
 @contextmanager
@@ -186,10 +223,13 @@ def run_function(name: str, args: list[str]) -> None:
     parser = ArgumentParser(
         prog=f"simpo-lightning {name}", description=function.__doc__.split("\n")[0], exit_on_error=False
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    own_config = "config" in inspect.signature(function).parameters  # a file it reads itself (estimate: a fit config)
+    if not own_config:
+        parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     parser.add_function_arguments(function, as_positional=False)
     options = parser.instantiate_classes(parser.parse_args(args)).as_dict()
-    options.pop("config", None)
+    if not own_config:
+        options.pop("config", None)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     function(**options)
 

@@ -22,7 +22,7 @@ LAYERS = [
     ("scoring",),
     ("generation",),
     ("evaluation", "methods"),
-    ("callbacks",),
+    ("callbacks", "estimate"),
     ("cli",),
     ("rounds",),
 ]

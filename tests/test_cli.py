@@ -138,7 +138,7 @@ def test_the_hh_config_asks_for_its_data_file(capsys):
     assert exit.value.code == 2 and "data.train_data is required" in capsys.readouterr().err
 
 
-COMMAND_NAMES = ["fit", "validate", "test", "evaluate", "export", "generate", "pairs", "rounds"]
+COMMAND_NAMES = ["fit", "validate", "test", "estimate", "evaluate", "export", "generate", "pairs", "rounds"]
 
 
 def test_the_overview_lists_every_command_and_each_one_answers_help(capsys):
@@ -165,6 +165,8 @@ CONFIG_FILE_CASES = [
     ),
     ("rounds", "fit_config: {tmp}/fit.yaml\n", "fit_config {tmp}/fit.yaml: no such file"),
     ("evaluate", "candidates: [{tmp}/c.ckpt]\n", "{tmp}/c.ckpt: no such checkpoint or model folder"),
+    # estimate's --config is the fit config it estimates
+    ("estimate", "model:\n  policy:\n    name_or_path: {tmp}/m\n", "{tmp}/m: its config cannot be read here"),
 ]
 
 
@@ -187,9 +189,21 @@ def test_fit_validate_test_end_to_end(tmp_path, capsys, monkeypatch):
     config = str(ROOT / "configs/testing/tiny.yaml")
     monkeypatch.chdir(tmp_path)
     fit = run_command(
-        ["fit", "--config", config, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"], tmp_path
+        [
+            "fit",
+            "--config",
+            config,
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+            "--estimate",
+            "true",
+        ],
+        tmp_path,
     )
     assert "held-out before training" in fit.stdout and "held-out after training" in fit.stdout
+    assert "estimate: predicted peak" in fit.stdout and "no GPU here to compare with" in fit.stdout
     run_dir = tmp_path / "runs/tiny/version_0"
     assert (run_dir / "checkpoints/last.ckpt").is_file()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # resolved config beside the checkpoints

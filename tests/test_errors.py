@@ -303,10 +303,28 @@ def command_cases(tiny_dir: str, folder: Path) -> dict[str, tuple[list[str], str
             "corrupt.ckpt: not a readable checkpoint",
             ["exported"],
         ),
+        # estimate
+        "estimate without a config file": (
+            ["estimate", "--config", str(folder / "none.yaml")],
+            "none.yaml: no such file",
+            [],
+        ),
+        "estimate on an unknown GPU": (
+            ["estimate", "--config", str(ROOT / "configs/testing/tiny.yaml"), "--gpu", "V100"],
+            "--gpu V100: one of A100, H100, H200",
+            [],
+        ),
+        "estimate an unknown architecture": (
+            ["estimate", "--config", str(ROOT / "configs/testing/tiny.yaml"), "--architecture", "gpt-9"],
+            "--architecture gpt-9: no such file; the shipped ones are llama-3-70b, llama-3-8b, llama-3.2-1b, "
+            "mistral-7b",
+            [],
+        ),
         # the command itself
         "unknown command": (
             ["frobnicate"],
-            "no command 'frobnicate'; the commands are fit, validate, test, evaluate, export, generate, pairs, rounds",
+            "no command 'frobnicate'; the commands are fit, validate, test, estimate, evaluate, export, generate, "
+            "pairs, rounds",
             [],
         ),
         "predict": (["predict", "--config", str(ROOT / "configs/testing/tiny.yaml")], "`generate` answers prompts", []),

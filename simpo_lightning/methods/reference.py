@@ -75,7 +75,14 @@ class Reference:
         # dtype None: the policy's, also after the Trainer's precision converted it (64-true, bf16-true)
         device = next(policy.parameters()).device
         dtype = getattr(torch, self.config.dtype) if self.config.dtype else next(policy.parameters()).dtype
-        return function(self._frozen[0].to(device, dtype))
+        frozen = self._frozen[0]
+        first = next(frozen.parameters())
+        if (first.device, first.dtype) != (
+            device,
+            dtype,
+        ):  # (also keeps fake tensors, which refuse a swap, as they are)
+            frozen.to(device, dtype)
+        return function(frozen)
 
     @torch.no_grad()
     def precompute(
