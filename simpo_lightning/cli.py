@@ -30,6 +30,7 @@ COMMANDS = {
     "evaluate": "simpo_lightning.evaluation.evaluate:evaluate",
     "export": "simpo_lightning.models.export:export",
     "generate": "simpo_lightning.generation.commands:generate",
+    "inspect": "simpo_lightning.estimate.inspect:inspect",
     "pairs": "simpo_lightning.generation.commands:pairs",
     "rounds": "simpo_lightning.rounds:rounds",
 }

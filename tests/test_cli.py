@@ -138,7 +138,7 @@ def test_the_hh_config_asks_for_its_data_file(capsys):
     assert exit.value.code == 2 and "data.train_data is required" in capsys.readouterr().err
 
 
-COMMAND_NAMES = ["fit", "validate", "test", "estimate", "evaluate", "export", "generate", "pairs", "rounds"]
+COMMAND_NAMES = ["fit", "validate", "test", "estimate", "evaluate", "inspect", "export", "generate", "pairs", "rounds"]
 
 
 def test_the_overview_lists_every_command_and_each_one_answers_help(capsys):
@@ -165,8 +165,9 @@ CONFIG_FILE_CASES = [
     ),
     ("rounds", "fit_config: {tmp}/fit.yaml\n", "fit_config {tmp}/fit.yaml: no such file"),
     ("evaluate", "candidates: [{tmp}/c.ckpt]\n", "{tmp}/c.ckpt: no such checkpoint or model folder"),
-    # estimate's --config is the fit config it estimates
+    # estimate's and inspect's --config is the fit config they read
     ("estimate", "model:\n  policy:\n    name_or_path: {tmp}/m\n", "{tmp}/m: its config cannot be read here"),
+    ("inspect", "data:\n  train_data: {tmp}/none.jsonl\n", "no such file {tmp}/none.jsonl"),
 ]
 
 
@@ -299,7 +300,7 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     quiet = ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
     steps = ["--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1"]
     common = tiny_args(tiny_dir, tmp_path, *extra, *steps, config=config)
-    cli_main(["fit", *common, *quiet, "--data.batch_size", "4", "--model.policy.dtype", "float64"])
+    one_process = cli_main(["fit", *common, *quiet, "--data.batch_size", "4", "--model.policy.dtype", "float64"])
     one = csv_losses(tmp_path / "run/version_0/metrics.csv")
     two_processes = [*common, "--data.batch_size", "2", *TWO_PROCESSES]
     if config == "methods/dpo.yaml":
@@ -326,9 +327,22 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     assert len(set(one.values())) == 5  # the loss moves, so equal curves mean equal training
     for step in one:
         assert_rounding_close(two[step], one[step], reduction=VOCAB, what=f"step {step}")
+    if config == "testing/tiny.yaml":  # the sharded checkpoint folder exports as a standalone model
+        from transformers import AutoModelForCausalLM
+
+        out = str(tmp_path / "exported")
+        main(["export", "--ckpt_path", str(tmp_path / "run/version_2/checkpoints/last.ckpt"), "--output_dir", out])
+        ids = torch.tensor([one_process.model.tokenizer("Capital of France? Paris.").input_ids])
+        with torch.no_grad():
+            exported = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+            trained = one_process.model.model.eval()(input_ids=ids).logits
+            base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()(input_ids=ids).logits
+        assert_rounding_close(exported, trained, reduction=VOCAB, what="exported logits")
+        assert (
+            (base - trained).abs().max() > 1e-3
+        )  # training moved them, with its frozen reference copy; SimPO on rows of up to 160 tokens of
 
 
-# SimPO with LoRA; DPO fully fine-tuned, with its frozen reference copy; SimPO on rows of up to 160 tokens of
 # pairs of 50 to 67: 2 or 3 pairs a row, so the processes' batches hold different numbers of pairs (3 and 2 at
 # step 2, 2 and 3 at step 3).
 PACKED = ("testing/tiny.yaml", ["--data.max_tokens_per_row", "160"])

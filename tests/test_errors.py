@@ -324,7 +324,7 @@ def command_cases(tiny_dir: str, folder: Path) -> dict[str, tuple[list[str], str
         "unknown command": (
             ["frobnicate"],
             "no command 'frobnicate'; the commands are fit, validate, test, estimate, evaluate, export, generate, "
-            "pairs, rounds",
+            "inspect, pairs, rounds",
             [],
         ),
         "predict": (["predict", "--config", str(ROOT / "configs/testing/tiny.yaml")], "`generate` answers prompts", []),

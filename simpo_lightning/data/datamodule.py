@@ -202,6 +202,14 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
         )
 
+    def state_dict(self) -> dict:
+        """For the checkpoint (and the model card ``export`` writes): the pairs of each split and the rows skipped,
+        by reason."""
+        return {"rows": {name: len(rows) for name, rows in self.splits.items()}, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: the data is rebuilt from its sources (the counts are a record)."""
+
     def train_dataloader(self) -> DataLoader:
         train, hp = self.splits["train"], self.hparams
         if hp.max_tokens_per_row is None:

@@ -43,7 +43,7 @@ def read_prompts(
     (in ``skipped``, when given, by reason)."""
     prompts, seen, skipped = [], set(), skipped if skipped is not None else Counter()
     for number, row in Source(source).rows():
-        prompt = _prompt_of(row, columns) if isinstance(row, dict) else None
+        prompt = prompt_of(row, columns) if isinstance(row, dict) else None
         if not prompt or (isinstance(prompt, str) and not prompt.strip()):
             skipped["missing or empty prompt"] += 1
             continue
@@ -53,7 +53,7 @@ def read_prompts(
         if len(tokens) > max_prompt_length:
             skipped[f"prompt over {max_prompt_length} tokens"] += 1
             continue
-        reference = row.get(columns.reference)
+        reference = row.get(columns.reference, row.get("output") if ALPACA_EVAL in row else None)
         item = PromptRow(number, prompt, reference if isinstance(reference, str) else None, tokens)
         if item.key not in seen:
             seen.add(item.key)
@@ -65,8 +65,14 @@ def read_prompts(
     return prompts
 
 
-def _prompt_of(row: dict, columns: Columns) -> str | list | None:
-    """A row's prompt column, or for an HH-RLHF row (two whole dialogues) the dialogue they share."""
+ALPACA_EVAL = "instruction"  # AlpacaEval's prompt column (its reference answer is ``output``)
+
+
+def prompt_of(row: dict, columns: Columns) -> str | list | None:
+    """A row's prompt column (AlpacaEval's ``instruction`` where there is none), or for an HH-RLHF row (two whole
+    dialogues) the dialogue they share."""
+    if columns.prompt not in row and ALPACA_EVAL in row:
+        return row[ALPACA_EVAL]
     if columns.prompt in row or not all(isinstance(row.get(c), str) for c in (columns.chosen, columns.rejected)):
         return row.get(columns.prompt)
     try:

@@ -154,7 +154,12 @@ def instantiate(section: dict, default: str, base: type) -> Any:
     parser.add_subclass_arguments(base, "x", required=True)
     try:
         return parser.instantiate_classes(parser.parse_object({"x": section})).x
-    except Exception as error:  # jsonargparse reports every kind of mismatch so
+    except Exception as error:  # jsonargparse reports every kind of mismatch so, wrapping the class's own errors
+        cause = error
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from error
         raise UserError(f"the config's {default.rsplit('.', 1)[-1]} section: {str(error).splitlines()[0]}") from error
 
 

@@ -96,10 +96,12 @@ def evaluate(
     if baseline == REFERENCE and not sources:
         raise UserError("evaluate needs at least one candidate")
     base = None if baseline == REFERENCE else answers(baseline or "default", -1)
-    results, rows = [], []
+    results, rows, sides = [], [], {}
     base_scores: dict[str, list[float]] = {}
     for i, source in enumerate(sources):
         mine = _reference_answers(base, sampling.n) if source == REFERENCE else answers(source, i)
+        if source != REFERENCE:
+            sides[names.get(source) or _label(source)] = mine
         if base is None:
             base = _reference_answers(mine, sampling.n)
         keys = [k for k in mine if k in base]
@@ -138,7 +140,44 @@ def evaluate(
         "seconds": total,
     }
     _write(out, results, rows, cost, _label(baseline), wandb)
+    if baseline != REFERENCE:
+        sides[_label(baseline)] = base
+    datasets = _datasets(prompts, columns)
+    for label, side in sides.items():
+        write_model_outputs(out / "alpaca_eval" / label.replace("/", "_") / "model_outputs.json", side, label, datasets)
+    print(f"wrote AlpacaEval's model_outputs.json of each side under {out}/alpaca_eval", flush=True)
     return results
+
+
+def write_model_outputs(path: Path, answers: dict[str, dict], generator: str, datasets: dict[str, str]) -> None:
+    """One side's answers in AlpacaEval's ``model_outputs.json`` format: a list of ``instruction`` (the prompt's
+    text; a conversation's user turns), ``output`` (the first answer), ``generator``, and ``dataset`` where the prompt
+    file names one."""
+    rows = []
+    for answer in answers.values():
+        prompt = answer["prompt"]
+        if isinstance(prompt, list):
+            prompt = "\n\n".join(m["content"] for m in prompt if m.get("role") == "user")
+        row = {"instruction": prompt, "output": answer["responses"][0], "generator": generator}
+        if prompt in datasets:
+            row["dataset"] = datasets[prompt]
+        rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+
+
+def _datasets(prompts: str, columns: Columns) -> dict[str, str]:
+    """Each prompt's ``dataset`` column (AlpacaEval's prompt files have one), where the file has it."""
+    from simpo_lightning.data.prompts import prompt_of
+    from simpo_lightning.data.sources import Source
+
+    found = {}
+    for _, row in Source(prompts).rows():
+        if isinstance(row, dict) and isinstance(row.get("dataset"), str):
+            prompt = prompt_of(row, columns)
+            if isinstance(prompt, str):
+                found[prompt] = row["dataset"]
+    return found
 
 
 def _expand(candidates: list[str]) -> list[str]:

@@ -260,6 +260,9 @@ class TrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["head"] = self.head  # export and loading build the model with this head
+        if self._trainer is not None:  # the last held-out metrics, for the model card export writes
+            metrics = self.trainer.callback_metrics.items()
+            checkpoint["metrics"] = {k: float(v) for k, v in metrics if k.startswith(("val/", "heldout/"))}
         # A LoRA checkpoint holds the trainable weights only; the base reloads from its source. Sharded
         # (distributed) checkpoints keep every key: their loader expects the model's full state dict.
         if self.lora is not None and self.device_mesh is None:

@@ -2,11 +2,11 @@
 
     simpo-lightning export --ckpt_path runs/.../checkpoints/last.ckpt --output_dir my-model
 
-The folder holds safetensors weights (LoRA merged into the base, quantization removed), the config
-and the tokenizer with its chat template, so ``AutoModelForCausalLM.from_pretrained(output_dir)``
-and ``AutoTokenizer.from_pretrained(output_dir)`` load it with no trace of this framework; a reward
-model's (``RewardModule``) loads with ``AutoModelForSequenceClassification`` and serves as the
-``RewardModelJudge``.
+The folder holds safetensors weights (LoRA merged into the base, quantization removed), the config,
+the tokenizer with its chat template and a model card (``models.card``), so
+``AutoModelForCausalLM.from_pretrained(output_dir)`` and ``AutoTokenizer.from_pretrained(output_dir)`` load it
+with no trace of this framework; a reward model's (``RewardModule``) loads with
+``AutoModelForSequenceClassification`` and serves as the ``RewardModelJudge``.
 ``--adapter_only true`` writes just the LoRA adapter in ``peft`` format instead.
 """
 
@@ -17,8 +17,10 @@ from typing import Literal
 import torch
 
 from simpo_lightning.errors import UserError
+from simpo_lightning.models.card import model_card
 from simpo_lightning.models.checkpoints import policy_from_checkpoint
 from simpo_lightning.models.formats import saveable
+from simpo_lightning.models.loading import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,5 +50,6 @@ def export(
     saveable(model.get_base_model() if adapter_only else model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"wrote {out}", flush=True)
+    (out / "README.md").write_text(model_card(read_checkpoint(ckpt_path), ckpt_path, adapter_only))
+    print(f"wrote {out} (with its model card, README.md)", flush=True)
     return out

@@ -230,10 +230,13 @@ def read_checkpoint(ckpt_path: str) -> dict:
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
     if path.is_dir():
-        raise UserError(
-            f"{path} is a sharded (distributed) checkpoint; train with ModelParallelStrategy("
-            "save_distributed_checkpoint=False) to get a single file, or consolidate it first"
-        )
+        if not (path / ".metadata").is_file():
+            raise UserError(f"{path}: a folder, but not a sharded checkpoint (no .metadata file in it)")
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        # A sharded (distributed) checkpoint of FSDPStrategy or ModelParallelStrategy: its shards gathered into one
+        # state dict in this process's memory.
+        return _load_distributed_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, OSError, EOFError) as error:  # torch's words for a file it cannot read as a checkpoint

@@ -2,6 +2,7 @@
 files a run writes (the statistics themselves: test_comparison.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,30 @@ def test_the_command_writes_table_jsonl_and_picture(tiny_dir, prompts, tmp_path)
     assert (out / "win_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((out / "results.json").read_text())["results"][0]
     assert result["win_rate"] == 0.0  # a random tiny model against the right answers
+
+
+def test_alpaca_eval_prompts_in_and_model_outputs_out(tiny_dir, tmp_path):
+    """A prompt file in AlpacaEval's shape (a JSON list: instruction, output, generator, dataset) is read by its
+    ``instruction``, its ``output`` serving as the reference; each side's answers come out as AlpacaEval's
+    ``model_outputs.json`` (instruction, output, generator, dataset), which ``alpaca_eval --model_outputs`` reads."""
+    rows = [
+        {
+            "instruction": f"Name a colour ({i}).",
+            "output": "red",
+            "generator": "gpt4_1106_preview",
+            "dataset": f"set{i % 2}",
+        }
+        for i in range(4)
+    ]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(rows))
+    out = tmp_path / "eval"
+    sampling = SamplingConfig(n=1, temperature=0.0, max_new_tokens=3)
+    evaluate([f"tiny={tiny_dir}"], str(tmp_path / "alpaca_eval.json"), tiny_dir, None, sampling, str(out))
+    for generator in ("tiny", Path(tiny_dir).name):
+        outputs = json.loads((out / "alpaca_eval" / generator / "model_outputs.json").read_text())
+        assert [set(o) for o in outputs] == [{"instruction", "output", "generator", "dataset"}] * 4
+        assert [o["instruction"] for o in outputs] == [r["instruction"] for r in rows]
+        assert [o["dataset"] for o in outputs] == [r["dataset"] for r in rows]
+        assert all(o["generator"] == generator and isinstance(o["output"], str) for o in outputs)
+    per_prompt = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
+    assert [p["reference"] for p in per_prompt] == ["red"] * 4  # AlpacaEval's output as the reference answer

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from simpo_lightning.cli import cli_main, main
 
@@ -27,7 +28,8 @@ def assert_same_logits(model, reference_model, ids: torch.Tensor) -> None:
 def test_export_writes_a_standalone_model_with_the_trained_weights(tiny_dir, tmp_path, config, extra):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cli = cli_main(["fit", *tiny_args(tiny_dir, tmp_path, *extra, "--trainer.max_steps", "4", config=config)])
+    steps = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2"]
+    cli = cli_main(["fit", *tiny_args(tiny_dir, tmp_path, *extra, *steps, config=config)])
     checkpoint = str(tmp_path / "run/version_0/checkpoints/last.ckpt")
     main(["export", "--ckpt_path", checkpoint, "--output_dir", str(tmp_path / "out")])
     assert (tmp_path / "out/model.safetensors").is_file() and not list((tmp_path / "out").glob("adapter_*"))
@@ -44,12 +46,19 @@ def test_export_writes_a_standalone_model_with_the_trained_weights(tiny_dir, tmp
         assert (
             base - trained(input_ids=ids).logits
         ).abs().max() > 1e-3  # training moved the weights; the export has that
+    card = ModelCard.load(tmp_path / "out/README.md")  # huggingface_hub's own parser
+    method = "simpo" if config == "testing/tiny.yaml" else "dpo"
+    assert card.data.base_model == tiny_dir and card.data.library_name == "transformers"
+    assert card.data.tags[:2] == ["simpo-lightning", method]
+    assert "optimizer steps: 4" in card.text and "'train': " in card.text and "| val/rewards/accuracies |" in card.text
+    assert "simpo-lightning fit --config config.yaml" in card.text and "max_steps: 4" in card.text
     if config == "testing/tiny.yaml":
         import peft
 
         main(["export", "--ckpt_path", checkpoint, "--output_dir", str(tmp_path / "adapter"), "--adapter_only", "true"])
         adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter")
         assert_same_logits(adapted, trained, ids)
+        assert ModelCard.load(tmp_path / "adapter/README.md").data.library_name == "peft"
 
 
 @pytest.mark.slow
@@ -86,8 +95,8 @@ def test_export_of_the_gguf_default_model_generates_the_trained_text(tmp_path):
 
 
 def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys):
-    (tmp_path / "sharded.ckpt").mkdir()
-    for name, said in (("sharded.ckpt", "is a sharded (distributed) checkpoint"), ("none.ckpt", "no such checkpoint")):
+    (tmp_path / "folder.ckpt").mkdir()  # a folder without a sharded checkpoint's .metadata
+    for name, said in (("folder.ckpt", "not a sharded checkpoint (no .metadata"), ("none.ckpt", "no such checkpoint")):
         with pytest.raises(SystemExit) as exit:
             main(["export", "--ckpt_path", str(tmp_path / name), "--output_dir", str(tmp_path / "out")])
         assert exit.value.code == 2 and said in capsys.readouterr().err
