@@ -14,7 +14,14 @@ from simpo_lightning.data import (
     PromptDataModule,
     Truncation,
 )
-from simpo_lightning.generation import CallableJudge, Judge, RewardModelJudge, RuleJudge, SamplingConfig
+from simpo_lightning.generation import (
+    CallableJudge,
+    Judge,
+    NumberJudge,
+    RewardModelJudge,
+    RuleJudge,
+    SamplingConfig,
+)
 from simpo_lightning.losses import (
     LOSSES,
     LossConfig,
@@ -72,6 +79,7 @@ __all__ = [
     "ReferenceConfig",
     "RewardModelJudge",
     "RewardModule",
+    "NumberJudge",
     "RuleJudge",
     "SFTModule",
     "SamplingConfig",

@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from simpo_lightning.data import demo
+from simpo_lightning.data import arithmetic, demo
 from simpo_lightning.errors import UserError
 
 Row = dict[str, Any]
+BUILT_IN = {"demo": demo, "arithmetic": arithmetic}  # generated in code: ``NAME[:train|val]``
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
@@ -38,8 +39,9 @@ class Source:
     """One data source: its rows, how many there are, and an identity that changes with its content.
 
     Args:
-        source: ``demo[:split]``, a ``.jsonl``/``.json``/``.parquet`` file (optionally ``.gz``), or a
-            ``datasets`` name or saved directory with an optional ``:split`` (default ``train``).
+        source: ``demo[:split]`` or ``arithmetic[:split]`` (built in), a ``.jsonl``/``.json``/``.parquet`` file
+            (optionally ``.gz``), or a ``datasets`` name or saved directory with an optional ``:split`` (default
+            ``train``).
     """
 
     def __init__(self, source: str):
@@ -47,8 +49,9 @@ class Source:
         name, _, split = source.partition(":") if not source.endswith(FILE_SUFFIXES) else (source, "", "")
         self.path = Path(source).expanduser()
         self._rows: list[tuple[int, Row]] | None = None  # all but JSONL are read whole, when first asked for
-        if name == "demo":
-            self._rows, self.identity = list(enumerate(demo.rows(split or "train"))), f"demo:{split}:{demo.VERSION}"
+        if name in BUILT_IN:
+            task = BUILT_IN[name]
+            self._rows, self.identity = list(enumerate(task.rows(split or "train"))), f"{name}:{split}:{task.VERSION}"
         elif source.endswith(FILE_SUFFIXES):
             if not self.path.is_file():
                 raise DataError(f"{source}: no such file")

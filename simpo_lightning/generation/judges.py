@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from simpo_lightning.data import demo
+from simpo_lightning.data import arithmetic, demo
 from simpo_lightning.data.encoding import render_messages
 from simpo_lightning.errors import UserError
 
@@ -89,6 +89,25 @@ class RuleJudge(Judge):
 def _contains(text: str, reference: str) -> bool:
     words = [demo.normalize(w) for w in text.split()]
     return demo.normalize(reference) in words
+
+
+class NumberJudge(Judge):
+    """The verifier of the arithmetic task (``data.arithmetic``), or of any task whose reference is one integer:
+    1 when the answer's number (``arithmetic.answer``: the last on its first line) equals the reference, 0
+    otherwise; with ``format_weight`` w a right number among other words scores 1 - w (a bare one 1).
+    """
+
+    def __init__(self, format_weight: float = 0.0):
+        self.format_weight = format_weight
+
+    def score(self, prompts: list[Prompt], responses: list[str], references: list[str | None]) -> list[float]:
+        if any(r is None or arithmetic.answer(r) is None for r in references):
+            raise UserError("NumberJudge needs a number as every prompt's reference (the data's reference column)")
+        scores = []
+        for text, reference in zip(responses, references):
+            right = arithmetic.answer(text) == arithmetic.answer(reference)
+            scores.append(float(right) * (1.0 if arithmetic.bare(text) else 1.0 - self.format_weight))
+        return scores
 
 
 class CallableJudge(Judge):

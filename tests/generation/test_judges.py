@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+from simpo_lightning.data.sources import Source
 from simpo_lightning.errors import UserError
-from simpo_lightning.generation.judges import CallableJudge, RewardModelJudge, RuleJudge
+from simpo_lightning.generation.judges import CallableJudge, NumberJudge, RewardModelJudge, RuleJudge
 
 from helpers import assert_rounding_close
 
@@ -116,3 +117,33 @@ def test_text_format_encodes_as_the_training_data_of_text_rows(reward_dir):
     assert judge.conversation(row["prompt"], row["chosen"]) == encoded["prompt"] + encoded["chosen"]
     chat = RewardModelJudge(reward_dir).conversation(row["prompt"], row["chosen"])
     assert chat != encoded["prompt"] + encoded["chosen"]
+
+
+def test_the_number_judge_reads_the_answers_number_and_scores_its_format():
+    answers = [
+        "12",
+        "7 + 5 = 12",
+        "7 + 5 = 12\n\nIn this example 5 and 7 make 13",
+        "The answer is 13.",
+        "twelve",
+        "12.",
+    ]
+    assert NumberJudge()(["q"] * 6, answers, ["12"] * 6) == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert NumberJudge(format_weight=0.5)(["q"] * 6, answers, ["12"] * 6) == [1.0, 0.5, 0.5, 0.0, 0.0, 1.0]
+    assert NumberJudge()(["q"], ["23 - 4 = -19"], ["-19"]) == [1.0]  # negative numbers
+    with pytest.raises(UserError, match="NumberJudge needs a number"):
+        NumberJudge()(["q"], ["12"], ["Nairobi"])
+
+
+def test_the_arithmetic_task_holds_out_every_fifth_problem_with_a_checkable_pair():
+    train, val = Source("arithmetic:train"), Source("arithmetic:val")
+    train_rows, val_rows = [row for _, row in train.rows()], [row for _, row in val.rows()]
+    assert (len(train_rows), len(val_rows)) == (216, 54)  # 81 sums and 189 differences
+    questions = {row["prompt"][0]["content"] for row in train_rows}
+    assert not questions & {row["prompt"][0]["content"] for row in val_rows}
+    for row in train_rows + val_rows:
+        a, op, b = row["prompt"][0]["content"].removeprefix("What is ").split("?")[0].split()
+        assert int(row["reference"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert NumberJudge()(
+            ["q", "q"], [row["chosen"][0]["content"], row["rejected"][0]["content"]], [row["reference"]] * 2
+        ) == [1.0, 0.0]
