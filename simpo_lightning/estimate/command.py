@@ -268,6 +268,7 @@ def predict(
         with fake_process_group(world) if world > 1 else contextlib.nullcontext(None) as mesh, fake_mode():
             with quantized_build(s.quantization, s.notes):
                 module._device_mesh = mesh  # None: one device
+                fresh_reference_copy(module)
                 module.configure_model()
             if s.batch.ref_chosen_logps is not None:
                 module.reference.free()  # as after precomputing
@@ -286,6 +287,24 @@ def predict(
     allowance = int(CONTEXT_GIB * GIB + (NCCL_GIB * GIB if world > 1 else 0) + FRAGMENTATION * measured.total)
     positions = int(s.batch.packed.input_ids.numel())
     return Estimate(measured, allowance, world, len(s.batch), positions, s.notes, time.perf_counter() - started)
+
+
+def fresh_reference_copy(module) -> None:
+    """Has the module's frozen reference copy built as a second model of the same configuration instead of by
+    ``copy.deepcopy``, which copies fake tensors through their data pointers (undefined behaviour: it corrupted the
+    heap of the process). Same shapes and dtypes, so the same memory."""
+    reference = getattr(module, "reference", None)
+    if reference is None or reference.lora:
+        return
+    from simpo_lightning.models.loading import build_policy
+
+    def build(policy_model) -> None:
+        frozen = build_policy(module.policy, None).eval().requires_grad_(False)
+        if reference.config.dtype is not None:
+            frozen.to(getattr(torch, reference.config.dtype))
+        reference._frozen = [frozen]
+
+    reference.build = build
 
 
 @contextlib.contextmanager
