@@ -16,6 +16,7 @@ the sharded model's forward needs all of them.
 """
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 
 from simpo_lightning.evaluation.comparison import judge_outcomes, response_stats
 from simpo_lightning.generation.commands import read_prompts
@@ -109,3 +110,15 @@ class GenerationMonitor(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.validations, self.start = state["validations"], state["start"]
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, which describes a run bounded by ``max_steps`` (where Lightning sets
+    ``max_epochs`` to -1) as "Epoch 0/-2": here "Epoch 0 · max_steps N" instead."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch} · max_steps {self.trainer.max_steps}"
+        return f"{description:{len(self.validation_description)}}"
