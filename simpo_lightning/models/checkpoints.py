@@ -31,7 +31,7 @@ def policy_from_checkpoint(ckpt_path: str, merge: bool = True) -> tuple[nn.Modul
     """The trained model of a ``fit`` checkpoint in float weights (a quantized base is loaded in float), with
     LoRA merged unless ``merge`` is false; its tokenizer; its LoRA config. A reward model's checkpoint
     (``checkpoint_head``) gives the sequence-classification model with the pad token it was trained with."""
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, weights=False)  # its settings: the weights load in build_policy
     hp = checkpoint["hyper_parameters"]
     policy = PolicyConfig(**{**hp["policy"], "quantization": None, "init_from": ckpt_path})
     lora = LoraConfig(**hp["lora"]) if hp.get("lora") else None

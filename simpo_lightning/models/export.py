@@ -50,6 +50,6 @@ def export(
     saveable(model.get_base_model() if adapter_only else model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(model_card(read_checkpoint(ckpt_path), ckpt_path, adapter_only))
+    (out / "README.md").write_text(model_card(read_checkpoint(ckpt_path, weights=False), ckpt_path, adapter_only))
     print(f"wrote {out} (with its model card, README.md)", flush=True)
     return out

@@ -224,16 +224,19 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig | None, head: Head = "causa
     return model
 
 
-def read_checkpoint(ckpt_path: str) -> dict:
-    """A ``fit`` checkpoint (one file), with clear errors for what is not one."""
+def read_checkpoint(ckpt_path: str, weights: bool = True) -> dict:
+    """A ``fit`` checkpoint (a file, or a sharded folder), with clear errors for what is not one. Without
+    ``weights``, a sharded folder gives its metadata only (hyperparameters, loop state, metrics), not its shards."""
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
     if path.is_dir():
         if not (path / ".metadata").is_file():
             raise UserError(f"{path}: a folder, but not a sharded checkpoint (no .metadata file in it)")
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
+        if not weights:  # Lightning writes everything but the weights and optimizer states beside the shards
+            return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
         # A sharded (distributed) checkpoint of FSDPStrategy or ModelParallelStrategy: its shards gathered into one
         # state dict in this process's memory.
         return _load_distributed_checkpoint(path)
