@@ -264,7 +264,7 @@ CONSOLE_SCRIPT = str(Path(sys.executable).with_name("simpo-lightning"))
 # script's function; importing torch, Lightning and transformers takes seconds a process, on a slow CPU
 # twice that. Nothing has run a computation in it before a fork (no thread pool to copy half-alive).
 FORK_SERVER = r"""
-import json, os, sys
+import json, os, runpy, sys
 import simpo_lightning.cli, simpo_lightning.methods, peft
 from simpo_lightning.cli import main
 for line in sys.stdin:
@@ -280,7 +280,11 @@ for line in sys.stdin:
         sys.argv = [job["script"], *job["args"]]
         code = 0
         try:
-            main()
+            if job["script"].endswith(".py"):  # a script, run as ``python SCRIPT`` would
+                sys.path.insert(0, os.path.dirname(job["script"]))
+                runpy.run_path(job["script"], run_name="__main__")
+            else:
+                main()
         except SystemExit as exit:
             code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
         except BaseException:
@@ -299,20 +303,22 @@ _server: subprocess.Popen | None = None
 
 
 def run_command(
-    args: list[str], cwd: Path, check: bool = True, fresh: bool = False, **env: str
+    args: list[str], cwd: Path, check: bool = True, fresh: bool = False, script: Path | None = None, **env: str
 ) -> subprocess.CompletedProcess:
-    """The ``simpo-lightning`` command in a process of its own, without W&B settings or ~/.netrc (HOME is ``cwd``),
-    so W&B must fall back to offline by itself; ``check`` asserts exit status 0. The model cache stays the
-    session's, so the default model is not de-quantized again in every new HOME. The process is a fork of one
-    that has imported the command (``FORK_SERVER``); ``fresh`` runs the installed console script itself."""
+    """The ``simpo-lightning`` command (or the Python ``script``) in a process of its own, without W&B settings or
+    ~/.netrc (HOME is ``cwd``), so W&B must fall back to offline by itself; ``check`` asserts exit status 0. The
+    model cache stays the session's, so the default model is not de-quantized again in every new HOME. The process
+    is a fork of one that has imported the command (``FORK_SERVER``); ``fresh`` runs the installed console script
+    (or ``python script``) itself."""
     global _server
     from simpo_lightning.cache import CACHE_ENV, cache_root
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(cwd)}
     environment |= {CACHE_ENV: str(cache_root())} | env
     if fresh:
+        executable = [sys.executable, str(script)] if script else [CONSOLE_SCRIPT]
         result = subprocess.run(
-            [CONSOLE_SCRIPT, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
+            [*executable, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
         )
     else:
         if _server is None or _server.poll() is not None:
@@ -321,7 +327,7 @@ def run_command(
             )
         out, err = Path(cwd) / f".run-{os.getpid()}.out", Path(cwd) / f".run-{os.getpid()}.err"
         job = {"args": args, "cwd": str(cwd), "env": environment, "stdout": str(out), "stderr": str(err)}
-        _server.stdin.write(json.dumps({**job, "script": CONSOLE_SCRIPT}) + "\n")
+        _server.stdin.write(json.dumps({**job, "script": str(script or CONSOLE_SCRIPT)}) + "\n")
         _server.stdin.flush()
         code = json.loads(_server.stdout.readline())
         result = subprocess.CompletedProcess(args, code, out.read_text(), err.read_text())

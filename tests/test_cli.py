@@ -349,10 +349,11 @@ PACKED = ("testing/tiny.yaml", ["--data.max_tokens_per_row", "160"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, extra", [SIMPO_LORA, DPO_FULL, PACKED], ids=["simpo-lora", "dpo-full", "packed"])
+@pytest.mark.parametrize("config, extra", [PACKED, DPO_FULL], ids=["simpo-lora-packed", "dpo-full"])
 def test_two_process_ddp_gives_the_one_process_losses_and_gradients(tiny_dir, tmp_path, config, extra):
     """DDP (Lightning's strategy for several devices), 2 processes × 2 pairs (packed: rows) against 1 process × 4:
-    the same loss and the same gradient norm at every step. The chunked head calls the decoder and the output head
+    the same loss and the same gradient norm at every step; SimPO with LoRA on packed rows, DPO fine-tuning every
+    weight on pairs. The chunked head calls the decoder and the output head
     directly, outside the module's own forward, and DDP still averages their gradients (a process's own half
     batch would give another norm); packed, the loss stays the mean over the global batch's pairs. Both runs in
     float64, held to the float32 rule (Llama computes its norms in float32). (FSDPStrategy refuses the CPU;

@@ -6,8 +6,8 @@ import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import lightning as L
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from simpo_lightning.data.encoding import Columns, Format, PairEncoder, Truncati
 from simpo_lightning.data.sources import FILE_SUFFIXES, DataError, Source
 from simpo_lightning.data.store import cached_store, encoder_fingerprint, load_store, store_report
 from simpo_lightning.errors import require
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 # GlobalBatchSampler makes mid-epoch resumption exact (it skips the trained batches, see
@@ -177,7 +180,7 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         return folder, key
 
-    def _load(self, source: str, build: bool) -> tuple[datasets.Dataset, str]:
+    def _load(self, source: str, build: bool) -> tuple["datasets.Dataset", str]:
         folder, key = self._store(source, build)
         report = store_report(folder)
         report.check(source)

@@ -19,13 +19,16 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import pyarrow as pa
 
 from simpo_lightning.cache import build_once
 from simpo_lightning.data.encoding import EncodeReport, PairEncoder, encode
 from simpo_lightning.data.sources import Source
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +100,11 @@ def store_report(folder: Path) -> EncodeReport:
     return EncodeReport(saved["rows"], saved["kept"], Counter(saved["skipped"]), saved["where"], first)
 
 
-def load_store(folder: Path) -> datasets.Dataset:
+def load_store(folder: Path) -> "datasets.Dataset":
     """The rows of a built store, memory-mapped (the store must have kept rows: see its report)."""
     parts = sorted(folder.glob("part-*.arrow"))  # a part whose rows were all skipped wrote no file
+    import datasets  # imported here: 0.4 s a process that reads no store need not pay
+
     return datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in parts])
 
 

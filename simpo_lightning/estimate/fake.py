@@ -22,6 +22,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _ModSt
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
+prim_device = torch.ops.prim.device.default
 CATEGORIES = {  # MemTracker's and FSDPMemTracker's categories under the names the report prints
     "Parameter": "parameters",
     "Sharded Param": "parameters",
@@ -67,6 +68,11 @@ class _ActiveOnly:
 
     where: str = ""
 
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is prim_device:  # asks a tensor its device (two thirds of a step's calls); allocates nothing
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
         out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
         if install_grad_hooks:
@@ -105,10 +111,10 @@ class _ActiveOnly:
             for device, snap in current.items():
                 if stats.local_peak.get(device, 0) < snap["Total"]:
                     stats.local_peak[device] = snap["Total"]
-                    stats.snapshots[peak_state][-1][device] = deepcopy(snap)
+                    stats.snapshots[peak_state][-1][device] = dict(snap)  # bytes by kind: a flat copy
         for device, snap in current.items():
             if self._peak_mem.get(device, 0) < snap["Total"]:
-                self._peak_mem[device], self._peak_mem_snap[device] = snap["Total"], deepcopy(snap)
+                self._peak_mem[device], self._peak_mem_snap[device] = snap["Total"], dict(snap)
                 deepest = max(self._mod_tracker.parents, key=lambda s: (s.count("."), s))
                 deepest = "the loss, outside the model's modules" if deepest == "Global" else deepest
                 phase = "optimizer step" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"

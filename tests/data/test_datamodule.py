@@ -222,7 +222,7 @@ def test_two_processes_starting_together_build_one_store_and_read_the_same_batch
         {"prompt": f"Question {i}: " + "word " * (i % 13), "chosen": f" yes {i}", "rejected": " no"} for i in range(200)
     ]
     path, cache = write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "cache"
-    context = multiprocessing.get_context("spawn")  # fresh interpreters, as two launched ranks
+    context = multiprocessing.get_context("fork")  # two processes, as two launched ranks, without importing again
     queue = context.Queue()
     workers = [
         context.Process(target=prepare_and_read, args=(str(path), str(cache), tiny_dir, queue)) for _ in range(2)
