@@ -4,11 +4,10 @@ pyproject.toml)."""
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, run_python
 
 MODULES = sorted(
     ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
@@ -34,8 +33,8 @@ sys.exit(1 if failed else 0)
 """
 
 
-def test_every_module_imports_on_its_own():
-    result = subprocess.run([sys.executable, "-c", EACH_ON_ITS_OWN, *MODULES], capture_output=True, text=True)
+def test_every_module_imports_on_its_own(tmp_path):
+    result = run_python(EACH_ON_ITS_OWN, tmp_path, *MODULES)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert len(MODULES) > 30  # the walk found the package
 

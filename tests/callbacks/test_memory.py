@@ -1,7 +1,8 @@
-import subprocess
 import sys
 
 import pytest
+
+from helpers import run_python
 
 FRAGMENTING = """
 import os, sys, threading, torch
@@ -35,8 +36,10 @@ for on in (False, True):  # each in a fresh child of this one process, which imp
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_return_freed_memory_gives_freed_tensors_back_to_the_os():
+def test_return_freed_memory_gives_freed_tensors_back_to_the_os(tmp_path):
     """About 800 MiB of tensors are freed; glibc's default keeps nearly all of it resident."""
-    out = subprocess.run([sys.executable, "-c", FRAGMENTING], capture_output=True, text=True, check=True).stdout
+    result = run_python(FRAGMENTING, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
     default, on = map(float, out.split())
     assert on > 700 and default < 300, (default, on)
