@@ -18,7 +18,18 @@ def script(command: list[str], cwd) -> subprocess.CompletedProcess:
 def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
     """TRL, ours and ours with DPO, each in its own process, then the ratios and the padding report. (The
     ``--lean`` variants are the settings of configs/variants/lean.yaml, which tests/test_configs.py runs.)"""
-    command = [str(ROOT / "benchmarks/vs_trl.py"), "--tiny", "--steps", "2", "--precisions", "32", "--threads", "1"]
+    command = [
+        str(ROOT / "benchmarks/vs_trl.py"),
+        "--tiny",
+        "--steps",
+        "2",
+        "--precisions",
+        "32",
+        "--threads",
+        "1",
+        "--max_length",
+        "128",
+    ]
     result = script([*command, "--tunings", "full"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| full 32")]
@@ -33,7 +44,18 @@ def test_vs_trl_harness_runs_and_reports_every_configuration(tmp_path):
 @pytest.mark.slow
 def test_packing_benchmark_runs_every_layout_and_packs_more_pairs_with_less_padding(tmp_path):
     """Each layout in its own process on the HH-RLHF pairs (the demo's where the file is absent)."""
-    command = [str(ROOT / "benchmarks/packing.py"), "--tiny", "--steps", "1", "--datasets", "hh", "--threads", "1"]
+    command = [
+        str(ROOT / "benchmarks/packing.py"),
+        "--tiny",
+        "--steps",
+        "1",
+        "--datasets",
+        "hh",
+        "--threads",
+        "1",
+        "--max_length",
+        "128",
+    ]
     result = script(command, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout.split("| data | layout |")[1]
@@ -108,7 +130,7 @@ def test_margin_sensitivity_runs_and_reports_the_margin_it_trained_with(tiny_dir
 @pytest.mark.slow
 def test_vs_trl_grpo_harness_runs_both_sides(tmp_path):
     command = [str(ROOT / "benchmarks/vs_trl_grpo.py"), "--tiny", "--steps", "1", "--warmup", "1"]
-    command += ["--prompts", "2", "--g", "2", "--length", "3", "--threads", "1"]
+    command += ["--prompts", "2", "--g", "2", "--length", "3", "--threads", "1", "--max_length", "128"]
     result = script(command, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {
