@@ -130,7 +130,7 @@ def test_margin_sensitivity_runs_and_reports_the_margin_it_trained_with(tiny_dir
 @pytest.mark.slow
 def test_vs_trl_grpo_harness_runs_both_sides(tmp_path):
     command = [str(ROOT / "benchmarks/vs_trl_grpo.py"), "--tiny", "--steps", "1", "--warmup", "1"]
-    command += ["--prompts", "2", "--g", "2", "--length", "3", "--threads", "1", "--max_length", "128"]
+    command += ["--prompts", "2", "--g", "2", "--length", "3", "--threads", "1"]
     result = script(command, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {
