@@ -53,8 +53,6 @@ def test_packing_benchmark_runs_every_layout_and_packs_more_pairs_with_less_padd
         "hh",
         "--threads",
         "1",
-        "--max_length",
-        "128",
     ]
     result = script(command, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
