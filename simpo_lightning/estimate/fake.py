@@ -62,7 +62,7 @@ def fake_mode():
 
 
 class _ActiveOnly:
-    """MemTracker's per-operation peak update restricted to the modules on the current stack, frozen weights
+    """MemTracker's per-operation peak update restricted to the device's peak, frozen weights
     tolerated (the stock tracker registers a gradient hook on every parameter, which frozen ones refuse), and the
     module stack recorded when the peak rises."""
 
@@ -98,23 +98,13 @@ class _ActiveOnly:
             stats.snapshots.setdefault(_ModState.PRE_FW, []).append(deepcopy(snapshot))
             return
         super()._pre_fw_hook(module, inputs)
-        if module in self.memory_tracking:
-            stats = self.memory_tracking[module]
-            self.__dict__.setdefault("_by_name", {})[stats.mod_fqn] = stats
 
     def _update_peak_stats(self, peak_state) -> None:
-        current = self._curr_mem_snap
-        for name in self._mod_tracker.parents:
-            stats = self.__dict__.get("_by_name", {}).get(name)
-            if stats is None or peak_state not in stats.snapshots:
-                continue
-            for device, snap in current.items():
-                if stats.local_peak.get(device, 0) < snap["Total"]:
-                    stats.local_peak[device] = snap["Total"]
-                    stats.snapshots[peak_state][-1][device] = dict(snap)  # bytes by kind: a flat copy
-        for device, snap in current.items():
+        # The device's peak only (the stock tracker also keeps every module's own peak, which nothing here reads),
+        # with the module stack where it rose.
+        for device, snap in self._curr_mem_snap.items():
             if self._peak_mem.get(device, 0) < snap["Total"]:
-                self._peak_mem[device], self._peak_mem_snap[device] = snap["Total"], dict(snap)
+                self._peak_mem[device], self._peak_mem_snap[device] = snap["Total"], dict(snap)  # a flat copy
                 deepest = max(self._mod_tracker.parents, key=lambda s: (s.count("."), s))
                 deepest = "the loss, outside the model's modules" if deepest == "Global" else deepest
                 phase = "optimizer step" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
