@@ -127,6 +127,7 @@ def test_a_qlora_estimate_counts_4_bit_storage_and_float32_for_the_rest():
     assert any("4-bit" in note for note in estimate.notes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_shipped_gpu_config_fits_the_memory_its_name_promises(path):
     """(Llama-3-8B's LoRA config also holds the bytes of its weights, adapters and optimizer state counted by hand.)"""
