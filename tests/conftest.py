@@ -20,12 +20,6 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items: list) -> None:
-    """The slow tests first: the workers start on them and end on short tests, instead of one worker finishing a
-    long test while the other waits."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def in_its_own_folder(tmp_path, monkeypatch):
     """Every test runs in a folder of its own: what a run writes where it runs (config.yaml, runs/, W&B files)
