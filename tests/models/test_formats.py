@@ -21,6 +21,24 @@ def test_the_gguf_default_loads_from_its_cached_float_copy():
     assert tokenizer.name_or_path == folder and tokenizer.chat_template
 
 
+def test_a_gguf_is_known_by_its_content_not_its_path(tmp_path, monkeypatch):
+    """The float copy's key: the same file installed elsewhere (another path, another time) has the same stamp,
+    so a fresh virtual environment reuses the copy; a file that differs in one byte has another."""
+    from simpo_lightning.cache import CACHE_ENV
+    from simpo_lightning.models.formats import content_stamp
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    data = os.urandom(3 << 20)
+    first, moved, changed = (tmp_path / name for name in ("a.gguf", "elsewhere.gguf", "changed.gguf"))
+    first.write_bytes(data)
+    moved.write_bytes(data)
+    os.utime(moved, ns=(1, 1))
+    changed.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert content_stamp(first) == content_stamp(moved) != content_stamp(changed)
+    assert len(list((tmp_path / "cache/stamps").iterdir())) == 3 * 2  # remembered (and a lock file each)
+    assert content_stamp(moved) == content_stamp(first)
+
+
 def test_what_needs_no_weights_reads_config_and_tokenizer_without_de_quantizing(tmp_path, monkeypatch):
     """In an empty cache, the tokenizer and the architecture come from a folder of the GGUF's config and tokenizer
     alone (seconds, where de-quantizing the weights takes many more): the same as the float copy's."""
