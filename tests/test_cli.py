@@ -338,13 +338,11 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
             trained = one_process.model.model.eval()(input_ids=ids).logits
             base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()(input_ids=ids).logits
         assert_rounding_close(exported, trained, reduction=VOCAB, what="exported logits")
-        assert (
-            (base - trained).abs().max() > 1e-3
-        )  # training moved them, with its frozen reference copy; SimPO on rows of up to 160 tokens of
+        assert (base - trained).abs().max() > 1e-3  # training moved them
 
 
-# pairs of 50 to 67: 2 or 3 pairs a row, so the processes' batches hold different numbers of pairs (3 and 2 at
-# step 2, 2 and 3 at step 3).
+# SimPO on rows of up to 160 tokens of pairs of 50 to 67: 2 or 3 pairs a row, so the processes' batches hold
+# different numbers of pairs (3 and 2 at step 2, 2 and 3 at step 3).
 PACKED = ("testing/tiny.yaml", ["--data.max_tokens_per_row", "160"])
 
 

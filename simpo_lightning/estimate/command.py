@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from simpo_lightning.errors import UserError
+from simpo_lightning.errors import UserError, user_error_in
 from simpo_lightning.estimate.fake import Measured, fake_mode, fake_process_group, measure, quantized_stand_in
 
 ARCHITECTURES = Path(__file__).resolve().parents[2] / "configs" / "architectures"
@@ -155,10 +155,8 @@ def instantiate(section: dict, default: str, base: type) -> Any:
     try:
         return parser.instantiate_classes(parser.parse_object({"x": section})).x
     except Exception as error:  # jsonargparse reports every kind of mismatch so, wrapping the class's own errors
-        cause = error
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
+        cause = user_error_in(error)
+        if isinstance(cause, UserError):
             raise cause from error
         raise UserError(f"the config's {default.rsplit('.', 1)[-1]} section: {str(error).splitlines()[0]}") from error
 

@@ -74,9 +74,10 @@ def model_card(checkpoint: dict, ckpt_path: str, adapter_only: bool) -> str:
     ]
     metrics = checkpoint.get("metrics") or {}
     lines += ["", "## Held-out metrics (last validation)", ""]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())] if metrics else ["not recorded"]
     if metrics:
-        lines[-len(metrics) :] = ["| metric | value |", "|---|---|", *lines[-len(metrics) :]]
+        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))]
+    else:
+        lines.append("not recorded")
     config = Path(ckpt_path).expanduser().resolve().parent.parent / "config.yaml"
     lines += ["", "## Reproduce", ""]
     if config.is_file():
