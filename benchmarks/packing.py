@@ -38,8 +38,9 @@ LAYOUTS = ("default", "grouped", "packed")
 TRUNCATION = {"hh": (512, 256), "long": (2048, 1792)}
 
 
-def prepare(workdir: Path, tiny: bool, dataset: str) -> tuple[str, Path, int]:
-    """The model folder, a JSONL of the data set's pairs, and the longest pair's tokens (the row budget)."""
+def prepare(workdir: Path, tiny: bool, dataset: str, pairs: int | None = None) -> tuple[str, Path, int]:
+    """The model folder, a JSONL of the data set's pairs (its first ``pairs``; None: all), and the longest pair's
+    tokens (the row budget)."""
     from simpo_lightning.data import Columns, PairEncoder, Skip, Truncation
     from simpo_lightning.models.loading import PolicyConfig, load_tokenizer
 
@@ -49,6 +50,7 @@ def prepare(workdir: Path, tiny: bool, dataset: str) -> tuple[str, Path, int]:
     if dataset == "long":
         rng = random.Random(0)
         rows = joined(rows, lambda: rng.randint(256, 2048), tokenizer)
+    rows = rows[:pairs]
     encode = PairEncoder(tokenizer, Columns(), Truncation(*TRUNCATION[dataset]), "standard")
     longest = 0
     for row in rows:
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, help="pairs (default, grouped) or rows (packed) a batch")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--tiny", action="store_true", help="2-layer random model (a check that the harness runs)")
+    parser.add_argument("--pairs", type=int, help="the data set's first this many pairs (default: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -131,7 +134,7 @@ def main() -> None:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for dataset in args.datasets:
-        model, data, budget = prepare(workdir, args.tiny, dataset)
+        model, data, budget = prepare(workdir, args.tiny, dataset, args.pairs)
         batch_size = args.batch_size or {"hh": 4, "long": 2}[dataset]
         results = {}
         for layout in args.layouts:

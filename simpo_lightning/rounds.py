@@ -4,21 +4,23 @@ Round k samples from round k-1's trained policy (round 1 from the fit config's m
 with the judge and trains on the pairs with the fit config, starting from round k-1's weights (LoRA
 adapters carried over) with a fresh optimizer and a fresh learning-rate warm-up. Everything lands under
 ``run_dir/name/round-k/``: ``generations.jsonl``, ``pairs.jsonl`` and ``pairs.json`` (its summary), the
-fit's checkpoints and logs under ``fit/``, and ``fit.json`` when the round is done. Run the same command
-again after an interruption: finished stages are skipped, an interrupted generation goes on where it
-stopped and an interrupted fit resumes from its last checkpoint. The W&B runs of the rounds share a group
+fit's checkpoints and logs under ``fit/``, ``fit.json`` when the round is done and ``heldout.jsonl``, its greedy
+answers to the held-out prompts (the base model's in ``heldout-0.jsonl``); ``rounds.json`` holds the summary.
+Run the same command again after an interruption: finished stages are skipped, an interrupted generation goes on
+where it stopped and an interrupted fit resumes from its last checkpoint. The W&B runs of the rounds share a group
 named after the run, with one more run that holds the rounds' sample rewards, kept shares, lengths and a
 table of sample completions.
 """
 
 import json
+from functools import partial
 from pathlib import Path
 
 import yaml
 
 from simpo_lightning.data.encoding import Columns
 from simpo_lightning.errors import UserError
-from simpo_lightning.generation.commands import generate, pairs, read_jsonl
+from simpo_lightning.generation.commands import generate, judged_answers, pairs, read_jsonl
 from simpo_lightning.generation.judges import Judge, RuleJudge
 from simpo_lightning.generation.sampling import SamplingConfig
 
@@ -43,7 +45,8 @@ def rounds(
             settings); its training data is replaced by each round's pairs.
         rounds: how many rounds.
         prompts: the prompts to sample from (as ``generate`` takes them).
-        val_data: the validation pairs of every round's fit (None: part of the round's pairs).
+        val_data: the validation pairs of every round's fit, and the held-out prompts whose greedy answers the
+            judge scores before the first round and after each (None: part of the round's pairs, no scores).
         judge: scores the samples (``class_path`` in YAML); None: ``RuleJudge``, the demo's.
         sampling: samples per prompt, temperature, lengths; round k uses seed ``sampling.seed + k``.
         fit_args: more ``fit`` options for every round, e.g. ``["--trainer.max_steps", "30"]``.
@@ -53,13 +56,16 @@ def rounds(
         max_prompt_length: longer prompts are skipped.
 
     Returns:
-        One summary per round: the pairs' summary and the held-out metrics before and after its fit.
+        One summary per round: the pairs' summary and the held-out metrics before and after its fit (the
+        judge's ``reward`` and, for a verifier, ``accuracy`` among them).
     """
     if rounds < 1:
         raise UserError(f"rounds = {rounds}: at least one round")
     home = Path(run_dir) / name
     judge = judge if judge is not None else RuleJudge()
     base = _base_policy(fit_config, fit_args)
+    judged = partial(judged_answers, prompts=val_data, judge=judge, sampling=sampling, columns=columns)
+    before = judged(base, home / "heldout-0.jsonl") if val_data is not None else None
     results = []
     for k in range(1, rounds + 1):
         folder = home / f"round-{k}"
@@ -88,7 +94,14 @@ def rounds(
         if not done.is_file():
             heldout = _fit(fit_config, folder, k, previous, val_data, fit_args, name)
             done.write_text(json.dumps(heldout))
-        results.append({"round": k, **summary, "heldout": json.loads(done.read_text())})
+        heldout = json.loads(done.read_text())
+        if before is not None:  # the judge on greedy answers to the held-out prompts, before and after the round
+            after = judged((str(folder / "fit" / "checkpoints" / "last.ckpt"), None), folder / "heldout.jsonl")
+            for when, metrics in (("before", before), ("after", after)):
+                heldout.setdefault(when, {}).update(metrics)
+            before = after
+        results.append({"round": k, **summary, "heldout": heldout})
+    (home / "rounds.json").write_text(json.dumps(results))
     _log_rounds(home, name, results)
     print(_table(results), flush=True)
     return results
@@ -224,12 +237,13 @@ def _table(results: list[dict]) -> str:
     lines = [
         "",
         "| round | pairs kept | mean sample score | response tokens | reward accuracy before → after | "
-        "exact match before → after |",
-        "|---|---|---|---|---|---|",
+        "exact match before → after | judge's reward before → after | judge's accuracy before → after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['round']} | {r['pairs']} of {r['prompts']} | {r['mean_score']:.3f} | {r['mean_tokens']:.1f} | "
-            f"{_change(r, 'rewards/accuracies')} | {_change(r, 'exact_match')} |"
+            + " | ".join(_change(r, key) for key in ("rewards/accuracies", "exact_match", "reward", "accuracy"))
+            + " |"
         )
     return "\n".join(lines)

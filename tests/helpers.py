@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from simpo_lightning.data import PreferenceDataModule
+from simpo_lightning.generation.judges import Judge
 from simpo_lightning.losses.config import LossConfig
 from simpo_lightning.methods.preference import SimPOModule
 from simpo_lightning.methods.reference import ReferenceConfig
@@ -407,3 +408,22 @@ def wandb_history(path: Path) -> tuple[dict, dict]:
 def shortest_wins(prompts: list, responses: list[str], references: list) -> list[float]:
     """A judge for tests (``CallableJudge("helpers.shortest_wins")``): the shorter response scores higher."""
     return [-float(len(r)) for r in responses]
+
+
+class HashVerifier(Judge):
+    """A verifier for tests (``class_path: helpers.HashVerifier``): a (prompt, response) is right for about half
+    of all pairs, by a hash of both, and scores a number in (0.5, 1) from the same hash; a wrong one scores 0.
+    Any change in a response changes its score, so a mean over the wrong answers cannot pass for the right one."""
+
+    verifier = True
+
+    def score(self, prompts: list, responses: list[str], references: list) -> list[float]:
+        return [hash_score(prompt, response) for prompt, response in zip(prompts, responses)]
+
+
+def hash_score(prompt, response: str) -> float:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([prompt, response]).encode()).digest()
+    fraction = int.from_bytes(digest[:4], "big") / 2**32
+    return fraction if fraction > 0.5 else 0.0

@@ -15,12 +15,22 @@ import torch
 import yaml
 
 from simpo_lightning.cli import cli_main, main
-from simpo_lightning.data import demo
+from simpo_lightning.data import arithmetic, demo
+from simpo_lightning.generation.commands import read_jsonl
 from simpo_lightning.losses.config import LossConfig
 from simpo_lightning.losses.preference import kto_kl
 from simpo_lightning.scoring.logprobs import IGNORE_INDEX
 
-from helpers import ROOT, VOCAB, assert_rounding_close, csv_logger, run_command, tiny_model_args, write_jsonl
+from helpers import (
+    ROOT,
+    VOCAB,
+    assert_rounding_close,
+    csv_logger,
+    hash_score,
+    run_command,
+    tiny_model_args,
+    write_jsonl,
+)
 
 MODEL_FOLDERS = ("llama-3-8b-instruct", "mistral-7b-instruct")  # real-use GPU configs: tests/test_cli.py parses them
 CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if c.parent.name not in MODEL_FOLDERS)
@@ -38,7 +48,8 @@ def class_of(config) -> str:
 RUN_BY_OWN_TEST = {
     "quickstart.yaml": "test_the_quickstart_then_the_evaluate_demo",
     "evaluate-demo.yaml": "test_the_quickstart_then_the_evaluate_demo",
-    "onpolicy-demo.yaml": "test_the_onpolicy_demo_rounds",
+    "onpolicy-demo.yaml": "test_the_onpolicy_rounds",
+    "onpolicy-arithmetic.yaml": "test_the_onpolicy_rounds",
     "lean.yaml": "test_the_lean_config_in_a_process_of_its_own",
 }
 FIT = [c for c in CONFIGS if command_of(c) == "fit" and c.name not in RUN_BY_OWN_TEST]
@@ -51,10 +62,10 @@ def test_every_shipped_config_is_run():
     assert all(name in globals() for name in RUN_BY_OWN_TEST.values())
 
 
-def steps_args(tmp_path) -> list[str]:
-    """2 steps, a validation of 2 batches at the second, CSV logs under ``tmp_path/run``, no data cache, and 8 of
-    the demo's held-out pairs (with their reference answers) for the before/after report."""
-    held_out = write_jsonl(tmp_path / "held-out.jsonl", demo.rows("val")[::9])
+def steps_args(tmp_path, task=demo) -> list[str]:
+    """2 steps, a validation of 2 batches at the second, CSV logs under ``tmp_path/run``, no data cache, and 6 to 8
+    of the task's held-out pairs (with their reference answers) for the before/after report."""
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", task.rows("val")[::9])
     return [
         "--data.val_data",
         str(held_out),
@@ -87,7 +98,8 @@ def hh_file(tmp_path):
 
 @pytest.mark.parametrize("config", FIT, ids=lambda p: p.name)
 def test_every_fit_config_trains_on_the_tiny_model(config, tiny_dir, tmp_path, capsys):
-    args = ["fit", "--config", str(config), *tiny_model_args(tiny_dir), *steps_args(tmp_path)]
+    task = arithmetic if "arithmetic" in config.name else demo  # NumberJudge needs numbers as references
+    args = ["fit", "--config", str(config), *tiny_model_args(tiny_dir), *steps_args(tmp_path, task)]
     kind = class_of(config).rpartition(".")[2]
     if kind in ONLINE:
         args += ["--model.sampling.max_new_tokens", "4"] + (["--model.sampling.n", "2"] if kind != "PPOModule" else [])
@@ -100,8 +112,12 @@ def test_every_fit_config_trains_on_the_tiny_model(config, tiny_dir, tmp_path, c
     assert len(trained) == 2 and all(map(math.isfinite, trained))
     checkpoint = torch.load(tmp_path / "run/version_0/checkpoints/last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 2
-    if kind in ONLINE:  # steps count rollouts; held-out judge score of greedy answers before and after
-        assert checkpoint["online_rollouts"] == 2 and "judge_score" in capsys.readouterr().out
+    if kind in ONLINE:  # steps count rollouts; the judge on greedy answers to held-out prompts, validated, reported
+        verifier = cli.model.judge.verifier
+        assert checkpoint["online_rollouts"] == 2 and verifier == (task is arithmetic)
+        validated = [r for r in rows if r.get("val/reward")]
+        assert len(validated) == 1 and bool(validated[0].get("val/accuracy")) == verifier
+        assert ("accuracy" in capsys.readouterr().out.split("held-out after training:")[1]) == verifier
     if kind == "SimPOModule":
         batch = next(iter(cli.datamodule.val_dataloader()))
         assert_the_named_loss_ran(cli.model, batch, named_loss(config))
@@ -184,26 +200,47 @@ def test_the_quickstart_then_the_evaluate_demo(tiny_dir, tmp_path, monkeypatch, 
     assert 0 <= result["win_rate"] <= 1 and (tmp_path / "runs/evaluate/win_rate.png").is_file()
 
 
-def test_the_onpolicy_demo_rounds(tiny_dir, tmp_path):
-    """``rounds --config configs/commands/onpolicy-demo.yaml``, one round on the tiny model (its fit config, the
-    quickstart, made tiny through ``fit_args``): generate, pair, fit, and the round's held-out table."""
-    judge = {
+ROUNDS_JUDGES = {  # the random tiny model never answers right, so the configs' judges would tie every sample
+    "onpolicy-demo.yaml": {  # shorter wins
         "class_path": "simpo_lightning.generation.CallableJudge",
         "init_args": {"function": "helpers.shortest_wins"},
-    }
+    },
+    "onpolicy-arithmetic.yaml": {"class_path": "helpers.HashVerifier"},  # a verifier: right by a hash
+}
+
+
+@pytest.mark.parametrize("name", ROUNDS_JUDGES)
+def test_the_onpolicy_rounds(name, tiny_dir, tmp_path, capsys):
+    """``rounds --config configs/commands/<name>``, one round on the tiny model (its fit config, the quickstart,
+    made tiny through ``fit_args``): generate, pair, fit, the round's held-out table, and the judge on greedy
+    answers to the held-out prompts before and after the round (accuracy where the judge is a verifier)."""
     fit_args = [*tiny_model_args(tiny_dir), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
     fit_args += ["--data.cache_dir", "null", "--trainer.limit_val_batches", "2"]
+    task = arithmetic if "arithmetic" in name else demo
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", task.rows("val")[::9])  # 6 to 8 of the task's held-out rows
     options = ["--rounds", "1", "--run_dir", str(tmp_path), "--sampling.max_new_tokens", "4"]
-    # the random tiny model never answers right, so the demo's rule would tie every sample: shorter wins instead
-    options += ["--judge", json.dumps(judge)]
+    options += ["--judge", json.dumps(ROUNDS_JUDGES[name]), "--val_data", str(held_out)]
     options += ["--fit_config", str(ROOT / "configs/quickstart.yaml"), "--fit_args", json.dumps(fit_args)]
-    main(["rounds", "--config", str(ROOT / "configs/commands/onpolicy-demo.yaml"), *options])
-    home = tmp_path / "onpolicy-demo/round-1"
+    main(["rounds", "--config", str(ROOT / "configs/commands" / name), *options])
+    home = tmp_path / name.removesuffix(".yaml") / "round-1"
     summary = json.loads((home / "pairs.json").read_text())
     assert summary["prompts"] > 100 and summary["pairs"] > 0
     heldout = json.loads((home / "fit.json").read_text())
     assert set(heldout) == {"before", "after"} and "exact_match" in heldout["after"]
     assert (home / "fit/checkpoints/last.ckpt").is_file()
+    table = capsys.readouterr().out.split("| round |")[-1]
+    if "arithmetic" in name:  # the judge's mean and share right of the greedy answers, before (base) and after round 1
+        scores = [
+            [hash_score(r["prompt"], r["responses"][0]) for r in read_jsonl(file)]
+            for file in (home.parent / "heldout-0.jsonl", home / "heldout.jsonl")
+        ]
+        assert len(scores[0]) == len(scores[1]) == len(arithmetic.problems("val")[::9])
+        reward = [sum(s) / len(s) for s in scores]
+        accuracy = [sum(x > 0 for x in s) / len(s) for s in scores]
+        row = table.splitlines()[2]
+        assert row.endswith(f"| {reward[0]:.3f} → {reward[1]:.3f} | {accuracy[0]:.3f} → {accuracy[1]:.3f} |")
+    else:
+        assert "judge's reward" in table and "judge's accuracy" in table  # a column of "-" for a plain judge
 
 
 @pytest.mark.slow

@@ -32,8 +32,9 @@ def reward_metrics(module: L.LightningModule, loader, device: torch.device) -> d
 class HeldOutReport(L.Callback):
     """Measures held-out reward accuracy and, where the data carry reference answers, exact match
     of greedy answers, once before training and once after; logs ``heldout/{before,after}/…`` and
-    prints a table. For a module with a judge (online methods) and data with ``val_prompts``, also the
-    judge's mean score of greedy answers to the held-out prompts (``judge_score``).
+    prints a table. For an online method (its ``held_out``) and data with ``val_prompts``, also the judge's mean
+    score of greedy answers to the held-out prompts (``reward``) and, for a verifier, the share right
+    (``accuracy``): the numbers its validation logs as ``val/reward`` and ``val/accuracy``.
 
     Args:
         max_new_tokens: generation budget per answer.
@@ -63,15 +64,13 @@ class HeldOutReport(L.Callback):
                     (module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r)
                     for (p, r), a in zip(examples, answers)
                 ]
-            judge, rows = getattr(module, "judge", None), getattr(data, "val_prompts", None)
-            if judge is not None and rows:  # online methods: what they optimise, on held-out prompts
+            rows = getattr(data, "val_prompts", None)
+            if hasattr(module, "held_out") and rows:  # online methods: what they optimise, on held-out prompts
                 missing = [r.tokens for r in rows if tuple(r.tokens) not in answered]  # answered above: not again
                 if missing:
                     answers = greedy_answers(module.model, module.tokenizer, missing, self.sampling)
                     answered |= {tuple(p): a for p, a in zip(missing, answers)}
-                answers = [answered[tuple(r.tokens)] for r in rows]
-                scores = judge([r.prompt for r in rows], answers, [r.reference for r in rows])
-                result["judge_score"] = sum(scores) / len(scores)
+                result |= module.held_out(rows, [answered[tuple(r.tokens)] for r in rows])
         module.train(was_training)
         self.results[when] = result
         for logger in trainer.loggers:

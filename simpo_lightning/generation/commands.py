@@ -145,6 +145,25 @@ def _merge(out: Path) -> None:
     print(f"wrote {len(ordered)} prompts to {out}", flush=True)
 
 
+def judged_answers(
+    policy: tuple[str | None, str | None],
+    output: Path,
+    prompts: str,
+    judge: Judge,
+    sampling: SamplingConfig = SamplingConfig(),
+    columns: Columns = Columns(),
+) -> dict[str, float]:
+    """``Judge.held_out`` (``reward``, and ``accuracy`` for a verifier) of a policy's greedy answers to ``prompts``
+    (``policy``: ``generate``'s model and gguf_file; ``sampling``: the answers' length), kept in ``output`` (a rerun
+    reads them from there)."""
+    greedy = SamplingConfig(**{**vars(sampling), "n": 1, "temperature": 0.0})
+    path = generate(prompts, str(output), model=policy[0], gguf_file=policy[1], sampling=greedy, columns=columns)
+    answered = read_jsonl(path)
+    return judge.held_out(
+        [r["prompt"] for r in answered], [r["responses"][0] for r in answered], [r["reference"] for r in answered]
+    )
+
+
 def pairs(generations: str, output: str, judge: Judge, batch_size: int = 256) -> dict:
     """Judge every response; per prompt the best becomes chosen and the worst rejected, for ``fit``.
 

@@ -33,6 +33,9 @@ Prompt = str | list[dict[str, str]]
 class Judge:
     """Scores responses: higher is better."""
 
+    verifier: bool = False
+    """Whether a score above 0 means a right answer (a verifier's ``held_out`` reports the share as accuracy)."""
+
     def score(self, prompts: list[Prompt], responses: list[str], references: list[str | None]) -> list[float]:
         raise NotImplementedError
 
@@ -57,6 +60,15 @@ class Judge:
                 f"and {len(bad) - 1} more; a reward model in float16 can overflow: load it in float32"
             )
         return scores
+
+    def held_out(self, prompts: list[Prompt], responses: list[str], references: list[str | None]) -> dict[str, float]:
+        """Held-out metrics of responses: the mean score (``reward``) and, for a verifier, the share it finds
+        right (``accuracy``)."""
+        scores = self(prompts, responses, references)
+        metrics = {"reward": sum(scores) / len(scores)}
+        if self.verifier:
+            metrics["accuracy"] = sum(s > 0 for s in scores) / len(scores)
+        return metrics
 
 
 class RuleJudge(Judge):
@@ -94,10 +106,16 @@ def _contains(text: str, reference: str) -> bool:
 class NumberJudge(Judge):
     """The verifier of the arithmetic task (``data.arithmetic``), or of any task whose reference is one integer:
     1 when the answer's number (``arithmetic.answer``: the last on its first line) equals the reference, 0
-    otherwise; with ``format_weight`` w a right number among other words scores 1 - w (a bare one 1).
+    otherwise; with ``format_weight`` w (< 1) a right number among other words scores 1 - w (a bare one 1).
     """
 
+    verifier = True
+
     def __init__(self, format_weight: float = 0.0):
+        if not 0 <= format_weight < 1:
+            raise UserError(
+                f"NumberJudge format_weight = {format_weight}: must be in [0, 1) (a right number scores > 0)"
+            )
         self.format_weight = format_weight
 
     def score(self, prompts: list[Prompt], responses: list[str], references: list[str | None]) -> list[float]:

@@ -2,10 +2,11 @@
 2024) and TRL's former ``PPOTrainer``, on ``RolloutModule``.
 
 Per rollout: the judge's score less ``missing_eos_penalty`` where a completion ran out of tokens; per-token rewards
--kl_coef · (log π_old - log π_ref) plus the score at the last token; values from the value model (the policy's
-backbone under a one-output head, from ``value_model`` or the policy with a zero head; with LoRA its own
-adapters); GAE advantages, whitened; the clipped policy loss plus ``vf_coef`` times the clipped value loss, a
-token mean over each minibatch. TRL's metric names and the one difference from TRL: docs/online.md ("PPO").
+-kl_coef · (log π_old - log π_ref) plus the score at the last token; values from the value model: with LoRA the
+policy's own base with a second set of adapters under a zero-initialised one-output head (one backbone in memory),
+without LoRA or with ``value_model`` a second backbone under a one-output head; GAE advantages, whitened; the
+clipped policy loss plus ``vf_coef`` times the clipped value loss, a token mean over each minibatch. TRL's metric
+names and the one difference from TRL: docs/online.md ("PPO").
 
     simpo-lightning fit --config configs/online/ppo-demo.yaml
 """
@@ -15,11 +16,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from simpo_lightning.errors import require
+from simpo_lightning.errors import UserError, require
 from simpo_lightning.generation.sampling import SamplingConfig
 from simpo_lightning.losses import rl
 from simpo_lightning.methods.rollout import Rollout, RolloutModule, UpdateConfig
-from simpo_lightning.models.loading import build_policy, without_peft
+from simpo_lightning.models.loading import VALUE_ADAPTER, active_adapter, add_adapter, build_policy, without_peft
 from simpo_lightning.scoring.sequences import pack_completions
 
 
@@ -43,7 +44,8 @@ class PPOConfig:
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of a completion without end-of-sequence; None: no penalty."""
     value_model: str | None = None
-    """A reward model (folder or hub id) to start the value model from; None: the policy with a zero head."""
+    """A reward model (folder or hub id) to start the value model from, a second model; None: the policy's own
+    base under a zero head, with LoRA a second set of adapters on it (no second model), without LoRA a copy."""
 
     def __post_init__(self) -> None:
         for name in ("gamma", "lam"):
@@ -76,9 +78,28 @@ class PPOModule(RolloutModule):
         super().__init__(sampling=sampling, update=update, **rollout)
         self.config = method
         self.kl_weight = method.kl_coef  # the reference is loaded when the KL penalty is on
-        self.value_model: nn.Module | None = None
+        self.value_model: nn.Module | None = None  # a second model (``value_model``, or no LoRA)
+        self.value_head: nn.Module | None = None  # the head on the policy's base (LoRA)
+
+    @property
+    def shares_base(self) -> bool:
+        """Whether the value model is the policy's base with adapters of its own (LoRA, no ``value_model``)."""
+        return self.lora is not None and self.config.value_model is None
 
     def build_model(self) -> nn.Module:
+        if self.shares_base:
+            if self.policy.gradient_checkpointing:
+                raise UserError(
+                    "PPO's value adapters share the policy's base, and gradient checkpointing would recompute them "
+                    "under the policy's adapters: set model.policy.gradient_checkpointing false, or give "
+                    "model.method.value_model (a second model)"
+                )
+            model = super().build_model()
+            add_adapter(model, self.lora, VALUE_ADAPTER)
+            hidden = without_peft(model).config.hidden_size
+            self.value_head = nn.Linear(hidden, 1, bias=False, dtype=getattr(torch, self.policy.dtype))
+            nn.init.zeros_(self.value_head.weight)
+            return model
         source = self.policy  # the value model is loaded as the policy is (dtype, attention, dropout off)
         if self.config.value_model is not None:
             source = replace(self.policy, name_or_path=self.config.value_model, gguf_file=None, random_init=False)
@@ -91,7 +112,13 @@ class PPOModule(RolloutModule):
         return super().build_model()
 
     def shard_parts(self) -> None:
-        self.value_model = self.sharded(self.value_model)
+        if self.shares_base and self.device_mesh is not None:
+            raise UserError(
+                "PPO's value adapters on the policy's base are not sharded yet: use one device or DDP, or give "
+                "model.method.value_model"
+            )
+        if self.value_model is not None:
+            self.value_model = self.sharded(self.value_model)
         super().shard_parts()
 
     def values(self, prompts: list[list[int]], completions: Tensor, mask: Tensor) -> Tensor:
@@ -99,9 +126,16 @@ class PPOModule(RolloutModule):
         packed = pack_completions(
             prompts, completions, mask, self.tokenizer.pad_token_id, self.update_config.shared_prompt
         )
-        base = without_peft(self.value_model)
-        hidden = getattr(base, base.base_model_prefix)(**packed.inputs).last_hidden_state
-        return packed.unflatten(base.score(hidden.flatten(0, 1)[packed.index]).squeeze(-1).float())
+        if self.shares_base:
+            base = without_peft(self.model)
+            with active_adapter(self.model, VALUE_ADAPTER):
+                hidden = getattr(base, base.base_model_prefix)(**packed.inputs).last_hidden_state
+            head = self.value_head
+        else:
+            base = without_peft(self.value_model)
+            hidden = getattr(base, base.base_model_prefix)(**packed.inputs).last_hidden_state
+            head = base.score
+        return packed.unflatten(head(hidden.flatten(0, 1)[packed.index]).squeeze(-1).float())
 
     def advantages(self, rollout: Rollout) -> PPORollout:
         config, mask = self.config, rollout.mask.float()

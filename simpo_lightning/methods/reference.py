@@ -17,6 +17,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
+from simpo_lightning.models.loading import adapters_off
 from simpo_lightning.scoring.sequences import Scores
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Reference:
     def apply(self, policy: nn.Module, function: Callable[[nn.Module], T]) -> T:
         """``function(model)`` with the reference model, without gradients."""
         if self.lora:
-            with policy.disable_adapter():
+            with adapters_off(policy):
                 return function(policy)
         if not self._frozen:
             raise RuntimeError("the reference model was freed after precomputing; the batch lacks ref_*_logps")

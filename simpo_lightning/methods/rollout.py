@@ -21,10 +21,10 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
 from simpo_lightning.data.batch import PairBatch, pad_right
-from simpo_lightning.data.prompts import PromptBatch
+from simpo_lightning.data.prompts import PromptBatch, PromptRow
 from simpo_lightning.errors import UserError, require
 from simpo_lightning.generation.judges import Judge, Prompt, RuleJudge
-from simpo_lightning.generation.sampling import SamplingConfig, derived_seed, sample_responses
+from simpo_lightning.generation.sampling import SamplingConfig, derived_seed, greedy_answers, sample_responses
 from simpo_lightning.methods.base import TrainingModule, pair_reward_metrics
 from simpo_lightning.methods.reference import Reference, ReferenceConfig
 from simpo_lightning.models.loading import LoraConfig, PolicyConfig, build_policy
@@ -328,7 +328,23 @@ class RolloutModule(TrainingModule):
             columns = ["rollout", "prompt", "completion", "reward", "advantage"]
             logger.log_table("completions", columns=columns, data=rows, step=self.global_step)
 
-    # ------------------------------------------------------------------ held-out pairs, checkpoints
+    # ------------------------------------------------------------------ held-out prompts and pairs, checkpoints
+
+    @torch.no_grad()
+    def held_out(self, rows: list[PromptRow], answers: list[str] | None = None) -> dict[str, float]:
+        """The judge on greedy answers to held-out prompts (``answers``, or made here at the sampling's length):
+        ``reward`` and, for a verifier, ``accuracy`` (``Judge.held_out``)."""
+        if answers is None:
+            answers = greedy_answers(self.model, self.tokenizer, [r.tokens for r in rows], self.sampling)
+        return self.judge.held_out([r.prompt for r in rows], answers, [r.reference for r in rows])
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/reward`` and, for a verifier, ``val/accuracy``: what the method optimises, on held-out prompts
+        (``PromptDataModule.val_prompts``), beside the held-out pairs' metrics."""
+        rows = getattr(self.trainer.datamodule, "val_prompts", None)
+        if rows and not self.trainer.sanity_checking:
+            for key, value in self.held_out(rows).items():
+                self.log(f"val/{key}", value, prog_bar=True, sync_dist=True)  # the same greedy answers in every process
 
     def evaluate(self, batch: PairBatch) -> dict[str, Tensor]:
         """Held-out pairs: each response's length-normalised log-prob as its reward."""

@@ -4,6 +4,7 @@ its pad token, the model with its dropout, checkpointing, LoRA and head, and a `
 
 import importlib.util
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Head = Literal["causal", "reward"]
 """``causal``: the causal LM; ``reward``: its backbone under a one-output scoring head (a reward model)."""
+VALUE_ADAPTER = "value"
+"""The name of PPO's value adapters on the policy's base (``add_adapter``)."""
 
 
 @dataclass
@@ -257,7 +260,11 @@ def load_checkpoint_weights(model: nn.Module, ckpt_path: str) -> None:
         raise UserError(
             f"{ckpt_path}: a LoRA checkpoint holds only the adapters, and its random_init base weights were never saved"
         )
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    state = {
+        k.removeprefix("model."): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith("model.") and f".{VALUE_ADAPTER}." not in k  # PPO's value adapters are not the policy's
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or (not lora and missing) or not state:
         raise UserError(
@@ -270,14 +277,58 @@ def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM")
     """LoRA adapters through peft; for ``SEQ_CLS`` peft also trains and saves the scoring head (``modules_to_save``)."""
     import peft
 
-    config = peft.LoraConfig(
+    return peft.get_peft_model(model, peft_lora_config(lora, task_type))
+
+
+def peft_lora_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    import peft
+
+    return peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type=task_type,
     )
-    return peft.get_peft_model(model, config)
+
+
+def add_adapter(model: nn.Module, lora: LoraConfig, name: str) -> None:
+    """A second set of LoRA adapters, ``name``, on a peft model's base: trainable beside the first, which stays
+    the active one (``active_adapter`` runs the model with another)."""
+    model.add_adapter(name, peft_lora_config(lora))
+    for key, parameter in model.named_parameters():
+        if f".{name}." in key:
+            parameter.requires_grad_(True)  # peft freezes an adapter that is not active
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """Runs a peft model without its adapters inside the block (peft's ``disable_adapter``), every adapter as
+    trainable after it as before (peft's re-enabling freezes all but the active one)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+@contextmanager
+def active_adapter(model: nn.Module, name: str):
+    """Runs a peft model's LoRA layers with the adapters ``name`` inside the block. Every adapter stays trainable
+    (peft's ``set_adapter`` would freeze the others, and a gradient may still be owed to them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._active_adapter for layer in layers]
+    for layer in layers:
+        layer._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, before):
+            layer._active_adapter = active
 
 
 def without_peft(model: nn.Module) -> nn.Module:

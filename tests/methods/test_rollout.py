@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simpo_lightning.cli import cli_main
-from simpo_lightning.data import PromptDataModule
+from simpo_lightning.data import PromptDataModule, demo
 from simpo_lightning.errors import UserError
 from simpo_lightning.generation.judges import CallableJudge, Judge
 from simpo_lightning.generation.sampling import SamplingConfig
@@ -23,10 +23,12 @@ from helpers import (
     ROOT,
     TINY_LORA,
     VOCAB,
+    HashVerifier,
     Interrupt,
     StepsTaken,
     assert_rounding_close,
     changed,
+    hash_score,
     run_command,
     snapshot,
     tiny_args,
@@ -83,6 +85,26 @@ def test_grpo_with_kl_counts_rollouts_and_logs_trls_names_and_a_completions_tabl
     assert history["completions/_type"] == "table-file"  # rollouts 1 and 3: the first two groups of 4
     assert history["completions/ncols"] == 5 and history["completions/nrows"] == 8
     assert "val/rewards/accuracies" in history
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_validation_logs_the_judge_on_greedy_answers_to_held_out_prompts(method, tiny_dir, tmp_path):
+    """``val/reward`` and, for a verifier, ``val/accuracy``: the judge on greedy answers to the held-out prompts,
+    here as transformers' own ``generate`` gives them, one prompt at a time."""
+    module = online(tiny_dir, judge=HashVerifier(), method=method)
+    data = prompts(module, val_data=str(write_jsonl(tmp_path / "val.jsonl", demo.rows("val")[:16])))  # 8 prompts
+    run = trainer(max_steps=1, val_check_interval=1, limit_val_batches=1)
+    run.fit(module, data)
+    scores = []
+    for row in data.val_prompts:
+        ids = torch.tensor([row.tokens])
+        out = module.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5
+        )
+        scores.append(hash_score(row.prompt, module.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
+    assert len(scores) == 8 and 0 < sum(s > 0 for s in scores) < 8  # answers of both kinds
+    assert run.logged_metrics["val/accuracy"] == pytest.approx(sum(s > 0 for s in scores) / 8)
+    assert run.logged_metrics["val/reward"] == pytest.approx(sum(scores) / 8)
 
 
 def test_rloo_trains_its_adapters_only(tiny_dir):
