@@ -11,6 +11,7 @@ names and the one difference from TRL: docs/online.md ("PPO").
     simpo-lightning fit --config configs/online/ppo-demo.yaml
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -126,15 +127,12 @@ class PPOModule(RolloutModule):
         packed = pack_completions(
             prompts, completions, mask, self.tokenizer.pad_token_id, self.update_config.shared_prompt
         )
-        if self.shares_base:
-            base = without_peft(self.model)
-            with active_adapter(self.model, VALUE_ADAPTER):
-                hidden = getattr(base, base.base_model_prefix)(**packed.inputs).last_hidden_state
-            head = self.value_head
-        else:
-            base = without_peft(self.value_model)
+        model = self.model if self.shares_base else self.value_model
+        base = without_peft(model)
+        running = active_adapter(model, VALUE_ADAPTER) if self.shares_base else nullcontext()
+        with running:
             hidden = getattr(base, base.base_model_prefix)(**packed.inputs).last_hidden_state
-            head = base.score
+        head = self.value_head if self.shares_base else base.score
         return packed.unflatten(head(hidden.flatten(0, 1)[packed.index]).squeeze(-1).float())
 
     def advantages(self, rollout: Rollout) -> PPORollout:
