@@ -207,7 +207,8 @@ def arithmetic_table(methods: list[str], seeds: list[int], budget: list[str], ex
                 r = run(method, [*budget, *schedule, *seeded, *given, *extra], folder, config_of(method))
                 (checkpoint,) = (folder / method).glob("version_*/checkpoints/last.ckpt")
                 r["after/accuracy"] = judged(str(checkpoint), folder / f"{method}-answers.jsonl")
-                r["sampled"] = r["steps"] * yaml_of(config_of(method))["data"]["init_args"]["batch_size"] * 2
+                data_settings = yaml_of(config_of(method))["data"]  # a bare section or class_path + init_args
+                r["sampled"] = r["steps"] * data_settings.get("init_args", data_settings)["batch_size"] * 2
             results[method].append(r)
             print(f"seed {seed} {method}: accuracy {base:.3f} -> {r['after/accuracy']:.3f}", flush=True)
     lines = [
