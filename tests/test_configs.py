@@ -117,6 +117,7 @@ def test_every_fit_config_trains_on_the_tiny_model(config, tiny_dir, tmp_path, c
         assert checkpoint["online_rollouts"] == 2 and verifier == (task is arithmetic)
         validated = [r for r in rows if r.get("val/reward")]
         assert len(validated) == 1 and bool(validated[0].get("val/accuracy")) == verifier
+        assert bool(validated[0].get("val/sampled/reward")) == (cli.model.val_samples > 0) == (task is arithmetic)
         assert ("accuracy" in capsys.readouterr().out.split("held-out after training:")[1]) == verifier
     if kind == "SimPOModule":
         batch = next(iter(cli.datamodule.val_dataloader()))

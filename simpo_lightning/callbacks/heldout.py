@@ -55,10 +55,12 @@ class HeldOutReport(L.Callback):
         with trainer.precision_plugin.forward_context():
             result = reward_metrics(module, data.val_dataloader(), module.device)
             examples = data.generation_examples("val") if getattr(module, "generative", True) else []
-            answered: dict[tuple[int, ...], str] = {}
+            answered = self.made_at_this_step(trainer, module)
             if examples:
-                answers = greedy_answers(module.model, module.tokenizer, [p for p, _ in examples], self.sampling)
-                answered = {tuple(p): a for (p, _), a in zip(examples, answers)}
+                missing = [p for p, _ in examples if tuple(p) not in answered]
+                if missing:
+                    answered |= dict(zip(map(tuple, missing), self.answers(module, missing)))
+                answers = [answered[tuple(p)] for p, _ in examples]
                 result["exact_match"] = sum(exact_match(a, r) for a, (_, r) in zip(answers, examples)) / len(examples)
                 self.samples = [
                     (module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r)
@@ -68,8 +70,7 @@ class HeldOutReport(L.Callback):
             if hasattr(module, "held_out") and rows:  # online methods: what they optimise, on held-out prompts
                 missing = [r.tokens for r in rows if tuple(r.tokens) not in answered]  # answered above: not again
                 if missing:
-                    answers = greedy_answers(module.model, module.tokenizer, missing, self.sampling)
-                    answered |= {tuple(p): a for p, a in zip(missing, answers)}
+                    answered |= dict(zip(map(tuple, missing), self.answers(module, missing)))
                 result |= module.held_out(rows, [answered[tuple(r.tokens)] for r in rows])
         module.train(was_training)
         self.results[when] = result
@@ -77,6 +78,15 @@ class HeldOutReport(L.Callback):
             logger.log_metrics({f"heldout/{when}/{k}": v for k, v in result.items()}, step=trainer.global_step)
         if trainer.is_global_zero:
             print(f"held-out {when} training: " + ", ".join(f"{k} = {v:.3f}" for k, v in result.items()), flush=True)
+
+    def answers(self, module: L.LightningModule, prompts: list[list[int]]) -> list[str]:
+        return greedy_answers(module.model, module.tokenizer, prompts, self.sampling)
+
+    def made_at_this_step(self, trainer: L.Trainer, module: L.LightningModule) -> dict[tuple[int, ...], str]:
+        """The greedy answers an online module made at this step and length (its validation at the last step), to
+        reuse; none otherwise."""
+        step, length, made = getattr(module, "greedy_made", None) or (None, None, {})
+        return dict(made) if (step, length) == (trainer.global_step, self.sampling.max_new_tokens) else {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.measure(trainer, pl_module, "before")

@@ -111,6 +111,9 @@ class RolloutModule(TrainingModule):
         reference: the reference model when the method has a KL term (with LoRA: the policy with its adapters off).
         update: how each rollout updates the policy (``UpdateConfig``).
         optimizer: optimizer class and arguments, called with the trainable parameters.
+        val_samples: at each validation, besides the greedy answers, this many samples of each held-out prompt at
+            the sampling temperature, judged: ``val/sampled/reward`` (their mean) and, for a verifier,
+            ``val/sampled/accuracy``; the same seeds at every validation. 0: greedy answers only.
         **training: the settings every training module shares (``TrainingModule``; its schedule counts rollouts,
             and ``optimizer_in_backward`` does not apply: the update steps by hand).
     """
@@ -129,9 +132,11 @@ class RolloutModule(TrainingModule):
         reference: ReferenceConfig = ReferenceConfig(),
         update: UpdateConfig = UpdateConfig(),
         optimizer: OptimizerCallable = torch.optim.AdamW,
+        val_samples: int = 0,
         **training,
     ):
         super().__init__(policy, lora, optimizer, **training)
+        require(val_samples >= 0, f"model.val_samples = {val_samples}: must be ≥ 0 (0: greedy answers only)")
         require(
             not self.optimizer_in_backward,
             "model.optimizer_in_backward does not apply to online methods: their update steps the optimizer by hand",
@@ -143,12 +148,15 @@ class RolloutModule(TrainingModule):
         )
         require(sampling.temperature > 0, "online sampling needs sampling.temperature > 0 (it samples, never greedy)")
         self.automatic_optimization = False
-        self.sampling, self.update_config = sampling, update
+        self.sampling, self.update_config, self.val_samples = sampling, update, val_samples
         self.epsilon_high = update.epsilon if update.epsilon_high is None else update.epsilon_high
         self.judge = judge if judge is not None else RuleJudge()
         self.reference = Reference(reference, lora=lora is not None)
         self.rollouts = 0  # rollout iterations begun, skipped ones included (they seed sampling)
         self.rollout_stats: dict[str, Tensor] = {}  # logged with the step's metrics
+        # The greedy answers ``held_out`` made last: (step, max_new_tokens, {prompt tokens: answer}), so that
+        # HeldOutReport's "after" reuses the last validation's instead of making them again.
+        self.greedy_made: tuple[int, int, dict[tuple[int, ...], str]] | None = None
 
     def build_model(self) -> nn.Module:
         model = build_policy(self.policy, self.lora)
@@ -336,15 +344,32 @@ class RolloutModule(TrainingModule):
         ``reward`` and, for a verifier, ``accuracy`` (``Judge.held_out``)."""
         if answers is None:
             answers = greedy_answers(self.model, self.tokenizer, [r.tokens for r in rows], self.sampling)
+            made = {tuple(r.tokens): a for r, a in zip(rows, answers)}
+            self.greedy_made = (self.global_step, self.sampling.max_new_tokens, made)
         return self.judge.held_out([r.prompt for r in rows], answers, [r.reference for r in rows])
+
+    @torch.no_grad()
+    def sampled_held_out(self, rows: list[PromptRow]) -> dict[str, float]:
+        """The judge on ``val_samples`` samples of each held-out prompt at the sampling temperature, seeded alike
+        at every validation: ``reward`` (the mean) and, for a verifier, ``accuracy``."""
+        n = self.val_samples
+        sampling = replace(self.sampling, n=n, seed=derived_seed(self.sampling.seed, "validation", bits=62))
+        groups = sample_responses(self.model, self.tokenizer, [r.tokens for r in rows], sampling)
+        texts = [self.tokenizer.decode(s.tokens, skip_special_tokens=True) for group in groups for s in group]
+        return self.judge.held_out(repeat([r.prompt for r in rows], n), texts, repeat([r.reference for r in rows], n))
 
     def on_validation_epoch_end(self) -> None:
         """``val/reward`` and, for a verifier, ``val/accuracy``: what the method optimises, on held-out prompts
-        (``PromptDataModule.val_prompts``), beside the held-out pairs' metrics."""
+        (``PromptDataModule.val_prompts``), beside the held-out pairs' metrics; with ``val_samples``, the same
+        over samples (``val/sampled/…``)."""
         rows = getattr(self.trainer.datamodule, "val_prompts", None)
-        if rows and not self.trainer.sanity_checking:
-            for key, value in self.held_out(rows).items():
-                self.log(f"val/{key}", value, prog_bar=True, sync_dist=True)  # the same greedy answers in every process
+        if not rows or self.trainer.sanity_checking:
+            return
+        metrics = {f"val/{key}": value for key, value in self.held_out(rows).items()}
+        if self.val_samples:
+            metrics |= {f"val/sampled/{key}": value for key, value in self.sampled_held_out(rows).items()}
+        for key, value in metrics.items():  # the same answers and samples in every process
+            self.log(key, value, prog_bar=key.count("/") == 1, sync_dist=True)
 
     def evaluate(self, batch: PairBatch) -> dict[str, Tensor]:
         """Held-out pairs: each response's length-normalised log-prob as its reward."""

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from simpo_lightning.callbacks import HeldOutReport
 from simpo_lightning.cli import cli_main
 from simpo_lightning.data import PromptDataModule, demo
 from simpo_lightning.errors import UserError
 from simpo_lightning.generation.judges import CallableJudge, Judge
-from simpo_lightning.generation.sampling import SamplingConfig
+from simpo_lightning.generation.sampling import SamplingConfig, derived_seed, sample_responses
 from simpo_lightning.methods import GRPOConfig, GRPOModule, RLOOConfig, RLOOModule, UpdateConfig
 from simpo_lightning.models.loading import PolicyConfig
 
@@ -42,7 +43,9 @@ TRL_NAMES += ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_
 SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}}
 
 
-def online(tiny_dir: str, lr: float = 1e-2, judge: Judge | None = None, method: str = "grpo", **settings):
+def online(
+    tiny_dir: str, lr: float = 1e-2, judge: Judge | None = None, method: str = "grpo", val_samples: int = 0, **settings
+):
     """GRPO (or RLOO) on the tiny model, 4 samples of 5 tokens per prompt, a constant learning rate; ``settings``
     are fields of the method's config or of ``UpdateConfig``."""
     update = {f.name for f in fields(UpdateConfig)}
@@ -55,6 +58,7 @@ def online(tiny_dir: str, lr: float = 1e-2, judge: Judge | None = None, method: 
         sampling=SamplingConfig(n=4, temperature=1.0, max_new_tokens=5),
         judge=judge if judge is not None else CallableJudge("helpers.shortest_wins"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+        val_samples=val_samples,
         warmup_ratio=0.0,
         lr_schedule="constant",
     )
@@ -90,8 +94,9 @@ def test_grpo_with_kl_counts_rollouts_and_logs_trls_names_and_a_completions_tabl
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_validation_logs_the_judge_on_greedy_answers_to_held_out_prompts(method, tiny_dir, tmp_path):
     """``val/reward`` and, for a verifier, ``val/accuracy``: the judge on greedy answers to the held-out prompts,
-    here as transformers' own ``generate`` gives them, one prompt at a time."""
-    module = online(tiny_dir, judge=HashVerifier(), method=method)
+    here as transformers' own ``generate`` gives them, one prompt at a time. ``val/sampled/…``: the judge on 3
+    samples of each at the sampling temperature, seeded by the sampling's seed and "validation"."""
+    module = online(tiny_dir, judge=HashVerifier(), method=method, val_samples=3)
     data = prompts(module, val_data=str(write_jsonl(tmp_path / "val.jsonl", demo.rows("val")[:16])))  # 8 prompts
     run = trainer(max_steps=1, val_check_interval=1, limit_val_batches=1)
     run.fit(module, data)
@@ -105,6 +110,47 @@ def test_validation_logs_the_judge_on_greedy_answers_to_held_out_prompts(method,
     assert len(scores) == 8 and 0 < sum(s > 0 for s in scores) < 8  # answers of both kinds
     assert run.logged_metrics["val/accuracy"] == pytest.approx(sum(s > 0 for s in scores) / 8)
     assert run.logged_metrics["val/reward"] == pytest.approx(sum(scores) / 8)
+    seed = derived_seed(module.sampling.seed, "validation", bits=62)
+    sampling = SamplingConfig(**{**vars(module.sampling), "n": 3, "seed": seed})
+    groups = sample_responses(module.model, module.tokenizer, [r.tokens for r in data.val_prompts], sampling)
+    sampled = [
+        hash_score(row.prompt, module.tokenizer.decode(s.tokens, skip_special_tokens=True))
+        for row, group in zip(data.val_prompts, groups)
+        for s in group
+    ]
+    assert len(sampled) == 24 and sampled != [s for s in scores for _ in range(3)]  # samples, not the greedy answers
+    assert run.logged_metrics["val/sampled/accuracy"] == pytest.approx(sum(s > 0 for s in sampled) / 24)
+    assert run.logged_metrics["val/sampled/reward"] == pytest.approx(sum(sampled) / 24)
+
+
+class CountingReport(HeldOutReport):
+    """HeldOutReport that records how many prompts it answers itself at each call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.made: list[int] = []
+
+    def answers(self, module, prompts: list[list[int]]) -> list[str]:
+        self.made.append(len(prompts))
+        return super().answers(module, prompts)
+
+
+def test_the_report_after_training_judges_the_answers_of_the_validation_at_the_last_step(tiny_dir, tmp_path):
+    """Validation at the last step made greedy answers to the held-out prompts; the report's "after" takes them
+    (it answers the 8 prompts once, before training) and so prints what that validation logged. In a second
+    run, the answers of the first run's last step are not taken at step 0, nor answers of another length."""
+    module = online(tiny_dir, judge=HashVerifier())
+    data = prompts(module, val_data=str(write_jsonl(tmp_path / "val.jsonl", demo.rows("val")[:16])))  # 8 prompts
+    report = CountingReport(max_new_tokens=module.sampling.max_new_tokens)
+    run = trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, callbacks=[report])
+    run.fit(module, data)
+    assert report.made == [8]
+    for key in ("reward", "accuracy"):
+        assert report.results["after"][key] == pytest.approx(float(run.logged_metrics[f"val/{key}"]))
+    same, longer = (CountingReport(max_new_tokens=module.sampling.max_new_tokens + k) for k in (0, 1))
+    run = trainer(max_steps=1, val_check_interval=1, check_val_every_n_epoch=None, callbacks=[same, longer])
+    run.fit(module, data)
+    assert same.made == [8] and longer.made == [8, 8]
 
 
 def test_rloo_trains_its_adapters_only(tiny_dir):
