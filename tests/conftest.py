@@ -20,13 +20,6 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """The slow tests (processes, scripts: seconds each) first, in their order, then the rest: under xdist the
-    last tests a worker takes are short, so one worker does not run a long test alone at the end while the
-    other idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def in_its_own_folder(tmp_path, monkeypatch):
     """Every test runs in a folder of its own: what a run writes where it runs (config.yaml, runs/, W&B files)
