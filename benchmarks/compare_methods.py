@@ -46,7 +46,6 @@ METHODS = ["simpo", "dpo", "ipo", "cpo", "orpo", "kto", "alphapo", "simper", "ln
 ONLINE = ["grpo", "rloo", "ppo"]
 NOTES = ["simpo", "simpo-rounds", "dpo", "ipo", "kto", "orpo", "ppo", "grpo", "rloo"]
 ARITHMETIC = ["simpo", "dpo", "orpo", "kto", "simpo-rounds", "grpo", "rloo", "ppo"]
-JUDGE = '{"class_path": "simpo_lightning.generation.NumberJudge"}'
 # What each method holds while training, with LoRA (the reference is the policy with its adapters off, so
 # it costs no weights of its own; the demo's judge is a rule, no model).
 MODELS = {m: "policy" for m in METHODS} | {m: "policy, reference (adapters off)" for m in ("dpo", "ipo", "kto")}
@@ -156,6 +155,12 @@ def yaml_of(path: str) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
+def batch_size_of(config: Path) -> int:
+    """A fit config's ``data.batch_size`` (its data section bare, or a class_path with init_args)."""
+    data = yaml_of(config)["data"]
+    return data.get("init_args", data)["batch_size"]
+
+
 def made_pairs(workdir: Path, seed: int, policy: str | None = None) -> Path:
     """Pairs the framework makes on the arithmetic task (module docstring), in ``workdir``: ``generate`` from the
     untrained model, then ``pairs`` with the verifier."""
@@ -197,9 +202,8 @@ def arithmetic_table(methods: list[str], seeds: list[int], budget: list[str], ex
                 config = config_of(method, "arithmetic")
                 r = run(method, [*budget, *seeded, "--model.sampling.seed", str(seed), *extra], folder, config)
                 r["after/accuracy"] = r["last"]["heldout/after/accuracy"]
-                settings = yaml_of(config)
-                per_step = settings["data"]["init_args"]["batch_size"] * settings["model"]["init_args"]["sampling"]["n"]
-                r["sampled"] = r["steps"] * per_step
+                n = yaml_of(config)["model"]["init_args"]["sampling"]["n"]
+                r["sampled"] = r["steps"] * batch_size_of(config) * n
             else:
                 data = data or made_pairs(folder, seed, options.get("--model.policy.name_or_path"))
                 schedule = ["--model.warmup_ratio", "0.0", "--model.lr_schedule", "constant"] if budget else []
@@ -207,8 +211,7 @@ def arithmetic_table(methods: list[str], seeds: list[int], budget: list[str], ex
                 r = run(method, [*budget, *schedule, *seeded, *given, *extra], folder, config_of(method))
                 (checkpoint,) = (folder / method).glob("version_*/checkpoints/last.ckpt")
                 r["after/accuracy"] = judged(str(checkpoint), folder / f"{method}-answers.jsonl")
-                data_settings = yaml_of(config_of(method))["data"]  # a bare section or class_path + init_args
-                r["sampled"] = r["steps"] * data_settings.get("init_args", data_settings)["batch_size"] * 2
+                r["sampled"] = r["steps"] * batch_size_of(config_of(method)) * 2
             results[method].append(r)
             print(f"seed {seed} {method}: accuracy {base:.3f} -> {r['after/accuracy']:.3f}", flush=True)
     lines = [

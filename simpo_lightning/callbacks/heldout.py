@@ -57,10 +57,7 @@ class HeldOutReport(L.Callback):
             examples = data.generation_examples("val") if getattr(module, "generative", True) else []
             answered = self.made_at_this_step(trainer, module)
             if examples:
-                missing = [p for p, _ in examples if tuple(p) not in answered]
-                if missing:
-                    answered |= dict(zip(map(tuple, missing), self.answers(module, missing)))
-                answers = [answered[tuple(p)] for p, _ in examples]
+                answers = self.answers_to(module, [p for p, _ in examples], answered)
                 result["exact_match"] = sum(exact_match(a, r) for a, (_, r) in zip(answers, examples)) / len(examples)
                 self.samples = [
                     (module.tokenizer.decode(p, skip_special_tokens=True).strip()[-60:], a, r)
@@ -68,10 +65,7 @@ class HeldOutReport(L.Callback):
                 ]
             rows = getattr(data, "val_prompts", None)
             if hasattr(module, "held_out") and rows:  # online methods: what they optimise, on held-out prompts
-                missing = [r.tokens for r in rows if tuple(r.tokens) not in answered]  # answered above: not again
-                if missing:
-                    answered |= dict(zip(map(tuple, missing), self.answers(module, missing)))
-                result |= module.held_out(rows, [answered[tuple(r.tokens)] for r in rows])
+                result |= module.held_out(rows, self.answers_to(module, [r.tokens for r in rows], answered))
         module.train(was_training)
         self.results[when] = result
         for logger in trainer.loggers:
@@ -81,6 +75,14 @@ class HeldOutReport(L.Callback):
 
     def answers(self, module: L.LightningModule, prompts: list[list[int]]) -> list[str]:
         return greedy_answers(module.model, module.tokenizer, prompts, self.sampling)
+
+    def answers_to(self, module: L.LightningModule, prompts: list[list[int]], answered: dict) -> list[str]:
+        """The greedy answer to each prompt: from ``answered`` (prompt tokens to answer) where it is there, else
+        made now and added to it, so that no prompt is answered twice in one measure."""
+        missing = [p for p in prompts if tuple(p) not in answered]
+        if missing:
+            answered.update(zip(map(tuple, missing), self.answers(module, missing)))
+        return [answered[tuple(p)] for p in prompts]
 
     def made_at_this_step(self, trainer: L.Trainer, module: L.LightningModule) -> dict[tuple[int, ...], str]:
         """The greedy answers an online module made at this step and length (its validation at the last step), to
