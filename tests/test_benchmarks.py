@@ -9,9 +9,9 @@ from helpers import ROOT, run_command, tiny_model_args
 
 
 def script(command: list[str], cwd) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS`` in a fork of a process that has imported torch and Lightning (the script's own
-    measuring processes still start afresh)."""
-    return run_command(command[1:], cwd, check=False, script=command[0])
+    """``python SCRIPT ARGS`` in a fork of a process that has imported torch and Lightning, whose measuring
+    processes are forks of it in turn (``BENCHMARK_FORK``)."""
+    return run_command(command[1:], cwd, check=False, script=command[0], BENCHMARK_FORK="1")
 
 
 @pytest.mark.slow

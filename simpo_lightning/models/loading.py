@@ -2,8 +2,10 @@
 loading (GGUF and k-bit weights take their detour through ``formats``): where the weights are, the tokenizer and
 its pad token, the model with its dropout, checkpointing, LoRA and head, and a ``fit`` checkpoint's weights."""
 
+import copy
 import importlib.util
 import logging
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,13 +130,33 @@ def from_pretrained(loader, path: str, what: str, option: str = "model.policy.na
         ) from error
 
 
+_TOKENIZERS: OrderedDict[tuple, Any] = OrderedDict()
+"""The last few tokenizers loaded, by folder and the sizes and times of its files: a run loads its policy's in the
+module, the data and the judges, and reading a 128k vocabulary's tokenizer.json takes longer than copying it."""
+
+
+def files_stamp(path: str) -> tuple:
+    """Name, size and modification time of each file in the folder ``path`` (empty for a hub id)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+
+
 def load_tokenizer(cfg: PolicyConfig, head: Head = "causal", pad_token: str | None = None):
-    """Load the tokenizer; a missing pad token falls back to the end-of-sequence token. For a reward model
-    (``head="reward"``) the pad token is never end-of-sequence (``reward_pad_token``)."""
+    """Load the tokenizer (a copy of one loaded before from the same, unchanged files); a missing pad token falls
+    back to the end-of-sequence token. For a reward model (``head="reward"``) the pad token is never
+    end-of-sequence (``reward_pad_token``)."""
     from transformers import AutoTokenizer
 
     path = model_folder(cfg, weights=False)
-    tokenizer = from_pretrained(AutoTokenizer, path, "tokenizer")
+    key = (path, files_stamp(path))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = from_pretrained(AutoTokenizer, path, "tokenizer")
+        while len(_TOKENIZERS) > 2:
+            _TOKENIZERS.popitem(last=False)
+    _TOKENIZERS.move_to_end(key)
+    tokenizer = copy.deepcopy(_TOKENIZERS[key])
     if head == "reward":
         reward_pad_token(tokenizer, pad_token)
     elif tokenizer.pad_token is None:

@@ -1,6 +1,7 @@
 """Loading models and tokenizers: clear errors, a tokenizer without a pad token, and the bfloat16 check
 (GGUF and quantized weights: test_weights.py)."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -31,6 +32,19 @@ def test_tokenizer_without_pad_token_uses_eos(tokenizer, tmp_path):
     bare.save_pretrained(tmp_path)
     loaded = load_tokenizer(PolicyConfig(name_or_path=str(tmp_path)))
     assert loaded.pad_token_id == loaded.eos_token_id is not None
+
+
+def test_a_tokenizer_loaded_again_is_a_copy_until_its_files_change(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    cfg = PolicyConfig(name_or_path=str(tmp_path))
+    first, second = load_tokenizer(cfg), load_tokenizer(cfg)
+    assert first is not second and first.get_vocab() == second.get_vocab() and first.pad_token == second.pad_token
+    first.pad_token = "<|im_start|>"  # what one user of a copy changes, the next copy does not have
+    assert load_tokenizer(cfg).pad_token == second.pad_token != first.pad_token
+    changed = copy.deepcopy(tokenizer)
+    changed.chat_template = "{{ messages[0]['content'] }}"
+    changed.save_pretrained(tmp_path)
+    assert load_tokenizer(cfg).chat_template == "{{ messages[0]['content'] }}" != second.chat_template
 
 
 def test_bf16_counts_as_fast_only_where_the_cpu_may_use_bf16_units():
