@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import forking
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simpo", "dpo", "ipo", "cpo", "orpo", "kto", "alphapo", "simper", "lndpo", "rdpo"]
 ONLINE = ["grpo", "rloo", "ppo"]
@@ -66,16 +68,25 @@ def config_of(method: str, task: str = "demo") -> Path:
 
 def measured(command: list[str], log_path: Path, cwd: Path) -> int:
     """Runs ``command`` with its output in ``log_path``; returns its peak RSS in KiB. A fresh wrapper process
-    per command, so RUSAGE_CHILDREN's peak covers this run alone."""
-    wrapper = (
-        "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)"
-    )
-    with log_path.open("w") as log:
-        code = subprocess.call([sys.executable, "-c", wrapper, *command], stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    per command, so RUSAGE_CHILDREN's peak covers this run alone (with ``BENCHMARK_FORK=1``, a fork of this
+    process: ``forking``)."""
+    if forking.FORK:
+        done, peak = forking.forked(command, cwd=cwd, output=log_path)
+        code = done.returncode
+    else:
+        wrapper = (
+            "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); "
+            "sys.exit(code)"
+        )
+        with log_path.open("w") as log:
+            command = [sys.executable, "-c", wrapper, *command]
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        lines = log_path.read_text().splitlines()
+        peak = next((int(line.split()[1]) for line in lines if line.startswith("PEAK_RSS_KB")), 0)
     if code != 0:
         raise SystemExit(f"{log_path.stem} failed; see {log_path}")
-    return next(int(line.split()[1]) for line in log_path.read_text().splitlines() if line.startswith("PEAK_RSS_KB"))
+    return peak
 
 
 def run(method: str, extra: list[str], workdir: Path, config: Path | None = None) -> dict[str, float]:

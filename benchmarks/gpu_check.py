@@ -12,11 +12,12 @@ saved to a temporary folder first (bitsandbytes loads saved weights only).
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import forking
 
 from simpo_lightning.models.tiny import TINY_ARCHITECTURE, save_random_model
 
@@ -108,12 +109,7 @@ def main() -> None:
         if name not in args.runs:
             continue
         start = time.perf_counter()
-        result = subprocess.run(
-            [sys.executable, "-m", "simpo_lightning.cli", "fit", *common, *extra],
-            capture_output=True,
-            text=True,
-            cwd=workdir,
-        )
+        result = forking.run([sys.executable, "-m", "simpo_lightning.cli", "fit", *common, *extra], cwd=workdir)
         seconds = (time.perf_counter() - start) / args.steps
         peak = re.search(r"PEAK_MEMORY_GB (\S+) rank 0 ([\d.]+)", result.stdout)
         predicted = re.search(r"estimate: predicted peak ([\d.]+) GiB", result.stdout)

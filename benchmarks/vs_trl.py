@@ -33,13 +33,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import forking
+
 from peak import SQUARE_SIZES, matmul_peak, mfu_cell, model_flops_per_token, model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,51 +329,12 @@ def run_worker(spec: dict) -> dict:
 
 def child_result(command: list[str], name: str, env: dict[str, str]) -> dict:
     """Runs a measuring child process (``python SCRIPT ARGS``): the JSON its ``RESULT`` line printed, or exit with
-    its output. With ``BENCHMARK_FORK=1`` (the tests) the child is a fork of this process (``forked``)."""
-    if os.environ.get("BENCHMARK_FORK") == "1":
-        result = forked(command, env)
-    else:
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
+    its output (a fork of this process with ``BENCHMARK_FORK=1``: ``forking``)."""
+    result = forking.run(command, env)
     line = next((text for text in result.stdout.splitlines() if text.startswith("RESULT ")), None)
     if result.returncode != 0 or line is None:
         raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return json.loads(line[len("RESULT ") :])
-
-
-def forked(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``command`` (``python SCRIPT ARGS``) run as a fork of this process: the script as ``python`` runs it, with
-    ``env`` and its output captured, but without the seconds a fresh interpreter takes to import torch and
-    transformers again where this process has (the tests, whose children train 2 steps of a tiny model). The
-    numbers for people come from fresh interpreters."""
-    import runpy
-    import traceback
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                os.environ.clear()
-                os.environ.update(env)
-                sys.argv = command[1:]
-                runpy.run_path(command[1], run_name="__main__")
-                code = 0
-            except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
-            except BaseException:
-                traceback.print_exc()
-            finally:  # no exit handlers: this process's would run too (removing its temporary folders)
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(command, os.waitstatus_to_exitcode(status), out.read(), err.read())
 
 
 # --------------------------------------------------------------------------- report

@@ -36,6 +36,7 @@ import csv
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -260,57 +261,88 @@ def tiny_args(tiny_dir: str, save_dir: Path, *extra: str, config: str = "testing
 
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("simpo-lightning"))
 
-# The process behind ``run_command``: it imports the command once, then forks a child for each run, which sets
-# its argv, working folder, environment and output files as a new process would and calls the console
-# script's function; importing torch, Lightning and transformers takes seconds a process, on a slow CPU
-# twice that. Nothing has run a computation in it before a fork (no thread pool to copy half-alive).
+# The process behind ``run_command``: it imports the command once, then forks a child for each run (a child for each
+# rank of a run of several processes), which sets its argv, working folder, environment and output files as a new
+# process would and calls the console script's function; importing torch, Lightning and transformers takes seconds
+# a process, on a slow CPU twice that. Nothing has run a computation in it before a fork (no thread pool to copy
+# half-alive). As torchrun's agent does, a rank that fails ends the others.
 FORK_SERVER = r"""
-import json, os, runpy, sys
+import json, os, runpy, signal, sys
 import simpo_lightning.cli, simpo_lightning.methods, peft
 from simpo_lightning.cli import main
+
+def run(job, process):
+    os.chdir(job["cwd"])
+    os.environ.clear()
+    os.environ.update(process["env"])
+    sys.path[:0] = [p for p in process["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    for fd, path in ((1, process["stdout"]), (2, process["stderr"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = [job["script"], *job["args"]]
+    code = 0
+    try:
+        if job["script"].endswith(".py"):  # a script, run as ``python SCRIPT`` would
+            sys.path.insert(0, os.path.dirname(job["script"]))
+            runpy.run_path(job["script"], run_name="__main__")
+        else:
+            main()
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    import atexit
+    atexit._run_exitfuncs()  # what the interpreter runs at exit (W&B finishes its run there)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
 for line in sys.stdin:
     job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        os.chdir(job["cwd"])
-        os.environ.clear()
-        os.environ.update(job["env"])
-        sys.path[:0] = [p for p in job["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
-        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = [job["script"], *job["args"]]
-        code = 0
-        try:
-            if job["script"].endswith(".py"):  # a script, run as ``python SCRIPT`` would
-                sys.path.insert(0, os.path.dirname(job["script"]))
-                runpy.run_path(job["script"], run_name="__main__")
-            else:
-                main()
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            code = 1
-        import atexit
-        atexit._run_exitfuncs()  # what the interpreter runs at exit (W&B finishes its run there)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+    ranks = {}
+    for rank, process in enumerate(job["processes"]):
+        pid = os.fork()
+        if pid == 0:
+            run(job, process)
+        ranks[pid] = rank
+    ended = []  # exit statuses in the order the ranks ended
+    while ranks:
+        pid, status = os.wait()
+        if pid in ranks:
+            ranks.pop(pid)
+            ended.append(os.waitstatus_to_exitcode(status))
+            if ended[-1] != 0:
+                for other in ranks:
+                    os.kill(other, signal.SIGKILL)
+    print(json.dumps(ended), flush=True)
 """
 _server: subprocess.Popen | None = None
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_command(
-    args: list[str], cwd: Path, check: bool = True, fresh: bool = False, script: Path | None = None, **env: str
+    args: list[str],
+    cwd: Path,
+    check: bool = True,
+    fresh: bool = False,
+    script: Path | None = None,
+    ranks: int = 1,
+    **env: str,
 ) -> subprocess.CompletedProcess:
     """The ``simpo-lightning`` command (or the Python ``script``) in a process of its own, without W&B settings or
     ~/.netrc (HOME is ``cwd``), so W&B must fall back to offline by itself; ``check`` asserts exit status 0. The
     model cache stays the session's, so the default model is not de-quantized again in every new HOME. The process
     is a fork of one that has imported the command (``FORK_SERVER``); ``fresh`` runs the installed console script
-    (or ``python script``) itself."""
+    (or ``python script``) itself. ``ranks`` > 1: that many processes started as ``torchrun --nproc-per-node``
+    starts them (its environment variables: Lightning takes the processes as made outside it and starts none), the
+    first one's output as stdout and stderr, then the others' stderr; the exit status is that of the first to end
+    non-zero."""
     global _server
     from simpo_lightning.cache import CACHE_ENV, cache_root
 
@@ -321,19 +353,30 @@ def run_command(
         result = subprocess.run(
             [*executable, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
         )
-    else:
-        if _server is None or _server.poll() is not None:
-            _server = subprocess.Popen(
-                [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
-        out, err = Path(cwd) / f".run-{os.getpid()}.out", Path(cwd) / f".run-{os.getpid()}.err"
-        job = {"args": args, "cwd": str(cwd), "env": environment, "stdout": str(out), "stderr": str(err)}
-        _server.stdin.write(json.dumps({**job, "script": str(script or CONSOLE_SCRIPT)}) + "\n")
-        _server.stdin.flush()
-        code = json.loads(_server.stdout.readline())
-        result = subprocess.CompletedProcess(args, code, out.read_text(), err.read_text())
-        out.unlink()
-        err.unlink()
+        assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen(
+            [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+    torchrun = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "GROUP_RANK": "0"}
+    torchrun |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "TORCHELASTIC_RUN_ID": "tests"}
+    processes = []
+    for rank in range(ranks):
+        out, err = (Path(cwd) / f".run-{os.getpid()}-{rank}.{kind}" for kind in ("out", "err"))
+        extra = torchrun | {"RANK": str(rank), "LOCAL_RANK": str(rank)} if ranks > 1 else {}
+        processes.append({"env": environment | extra, "stdout": str(out), "stderr": str(err)})
+    job = {"args": args, "cwd": str(cwd), "processes": processes, "script": str(script or CONSOLE_SCRIPT)}
+    _server.stdin.write(json.dumps(job) + "\n")
+    _server.stdin.flush()
+    ended = json.loads(_server.stdout.readline())
+    outputs = [(Path(p["stdout"]).read_text(), Path(p["stderr"]).read_text()) for p in processes]
+    for p in processes:
+        Path(p["stdout"]).unlink()
+        Path(p["stderr"]).unlink()
+    stderr = "".join(err if rank == 0 else f"\n--- rank {rank}\n{err}" for rank, (_, err) in enumerate(outputs))
+    code = next((c for c in ended if c != 0), 0)
+    result = subprocess.CompletedProcess(args, code, outputs[0][0], stderr)
     assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

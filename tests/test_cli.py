@@ -296,7 +296,9 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     with ``--ckpt_path last``; the interrupted run and the resumed one together must give the one-process
     curve, so resuming restores weights, optimizer, schedule and data order. DPO: the two processes
     precompute the reference log-probs (each half the batches, through the sharded frozen copy) where the
-    one process computes them at every step; one of them writes each cache file."""
+    one process computes them at every step; one of them writes each cache file. The two processes start as
+    torchrun starts them (``run_command(ranks=2)``); Lightning's own launcher starts those of
+    tests/test_errors.py and tests/methods/test_rollout.py."""
     quiet = ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
     steps = ["--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1"]
     common = tiny_args(tiny_dir, tmp_path, *extra, *steps, config=config)
@@ -305,7 +307,7 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     two_processes = [*common, "--data.batch_size", "2", *TWO_PROCESSES]
     if config == "methods/dpo.yaml":
         precompute = ["--model.reference.precompute", "true", "--data.cache_dir", str(tmp_path / "cache")]
-        run_command(["fit", *two_processes, *quiet, *precompute], tmp_path)
+        run_command(["fit", *two_processes, *quiet, *precompute], tmp_path, ranks=2)
         assert len(list((tmp_path / "cache").glob("ref-*.pt"))) == 2 and not list((tmp_path / "cache").glob("*.tmp-*"))
         two = csv_losses(tmp_path / "run/version_1/metrics.csv")
     else:
@@ -314,12 +316,12 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
         interrupt = {"class_path": "helpers.Interrupt", "init_args": {"step": 3}}
         callbacks = json.dumps([EVERY_STEP_CHECKPOINT, interrupt, monitor])
         interrupted = run_command(
-            ["fit", *two_processes, "--trainer.callbacks", callbacks], tmp_path, check=False, PYTHONPATH=str(TESTS)
+            ["fit", *two_processes, "--trainer.callbacks", callbacks], tmp_path, False, ranks=2, PYTHONPATH=str(TESTS)
         )
         assert interrupted.returncode != 0 and "Detected KeyboardInterrupt" in interrupted.stderr
         assert (tmp_path / "run/version_1/checkpoints/last.ckpt").is_dir()  # sharded: a folder
         assert "monitor/mean_chars" in (tmp_path / "run/version_1/metrics.csv").read_text()
-        run_command(["fit", *two_processes, "--ckpt_path", "last"], tmp_path)
+        run_command(["fit", *two_processes, "--ckpt_path", "last"], tmp_path, ranks=2)
         resumed = csv_losses(tmp_path / "run/version_2/metrics.csv")
         assert sorted(resumed) == [2, 3, 4]  # from the checkpoint of step 2 (checkpoints are saved after callbacks)
         two = csv_losses(tmp_path / "run/version_1/metrics.csv") | resumed
@@ -355,7 +357,7 @@ def test_two_process_ddp_gives_the_one_process_losses_and_gradients(tiny_dir, tm
     directly, outside the module's own forward, and DDP still averages their gradients (a process's own half
     batch would give another norm); packed, the loss stays the mean over the global batch's pairs. Both runs in
     float64, held to the float32 rule (Llama computes its norms in float32). (FSDPStrategy refuses the CPU;
-    ModelParallelStrategy's FSDP2 is the test above.)"""
+    ModelParallelStrategy's FSDP2 is the test above.) Started as torchrun starts them, as above."""
     gradients = json.dumps([{"class_path": "helpers.LogGradientNorm"}])
     quiet = ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", gradients]
     steps = ["--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", "--model.policy.dtype", "float64"]
@@ -363,7 +365,9 @@ def test_two_process_ddp_gives_the_one_process_losses_and_gradients(tiny_dir, tm
     rows = "--data.max_tokens_per_row" in extra
     cli_main(["fit", *common, "--data.batch_size", "2" if rows else "4"])
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    run_command(["fit", *common, "--data.batch_size", "1" if rows else "2", *ddp], tmp_path, PYTHONPATH=str(TESTS))
+    run_command(
+        ["fit", *common, "--data.batch_size", "1" if rows else "2", *ddp], tmp_path, ranks=2, PYTHONPATH=str(TESTS)
+    )
     for key in ("train/loss", "train/grad_norm"):
         one, two = (csv_losses(tmp_path / f"run/version_{v}/metrics.csv", key) for v in (0, 1))
         assert sorted(one) == sorted(two) == list(range(4)) and len(set(one.values())) == 4, key
