@@ -298,7 +298,7 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
     precompute the reference log-probs (each half the batches, through the sharded frozen copy) where the
     one process computes them at every step; one of them writes each cache file. The two processes start as
     torchrun starts them (``run_command(ranks=2)``); Lightning's own launcher starts those of
-    tests/test_errors.py and tests/methods/test_rollout.py."""
+    tests/test_errors.py."""
     quiet = ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
     steps = ["--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1"]
     common = tiny_args(tiny_dir, tmp_path, *extra, *steps, config=config)

@@ -70,7 +70,7 @@ class _ActiveOnly:
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is prim_device:  # asks a tensor its device (two thirds of a step's calls); allocates nothing
-            return func(*args, **(kwargs or {}))
+            return getattr(args[0], "fake_device", None) or func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):

@@ -246,7 +246,7 @@ def test_two_processes_make_the_update_of_one_with_the_same_global_batch(tiny_di
     that holds it, the std over both processes, DAPO's token count over both (completions of different
     lengths, so each process's own count differs from the global one), gradients averaged by DDP: the same
     LoRA update after 2 rollouts (plain SGD; lora_B starts at 0, so its final value is the update), by the
-    rounding rule."""
+    rounding rule. The two processes start as torchrun starts them (``run_command(ranks=2)``)."""
     model = ends_early(tiny_dir, tmp_path / "ends-early")
     judge = {
         "class_path": "simpo_lightning.generation.CallableJudge",
@@ -266,7 +266,7 @@ def test_two_processes_make_the_update_of_one_with_the_same_global_batch(tiny_di
         if name == "one":
             cli_main(args)
         else:
-            run_command(args, tmp_path, PYTHONPATH=str(ROOT / "tests"))
+            run_command(args, tmp_path, ranks=2, PYTHONPATH=str(ROOT / "tests"))
         (checkpoint,) = (tmp_path / name).glob("run/version_*/checkpoints/last.ckpt")
         state = torch.load(checkpoint, weights_only=False)["state_dict"]
         updates[name] = {k: v for k, v in state.items() if "lora_B" in k}
