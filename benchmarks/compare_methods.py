@@ -80,13 +80,13 @@ def measured(command: list[str], log_path: Path, cwd: Path) -> int:
             "sys.exit(code)"
         )
         with log_path.open("w") as log:
-            command = [sys.executable, "-c", wrapper, *command]
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
-        lines = log_path.read_text().splitlines()
-        peak = next((int(line.split()[1]) for line in lines if line.startswith("PEAK_RSS_KB")), 0)
+            wrapped = [sys.executable, "-c", wrapper, *command]
+            code = subprocess.call(wrapped, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     if code != 0:
         raise SystemExit(f"{log_path.stem} failed; see {log_path}")
-    return peak
+    if forking.FORK:
+        return peak
+    return next(int(line.split()[1]) for line in log_path.read_text().splitlines() if line.startswith("PEAK_RSS_KB"))
 
 
 def run(method: str, extra: list[str], workdir: Path, config: Path | None = None) -> dict[str, float]:

@@ -343,7 +343,6 @@ def run_command(
     starts them (its environment variables: Lightning takes the processes as made outside it and starts none), the
     first one's output as stdout and stderr, then the others' stderr; the exit status is that of the first to end
     non-zero."""
-    global _server
     from simpo_lightning.cache import CACHE_ENV, cache_root
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(cwd)}
@@ -353,19 +352,30 @@ def run_command(
         result = subprocess.run(
             [*executable, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
         )
-        assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result
+    else:
+        result = forked_run(args, cwd, environment, script, ranks)
+    assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def forked_run(
+    args: list[str], cwd: Path, environment: dict[str, str], script: Path | None, ranks: int
+) -> subprocess.CompletedProcess:
+    """``run_command``'s run in ``ranks`` forks of the fork server (started on first use)."""
+    global _server
     if _server is None or _server.poll() is not None:
         _server = subprocess.Popen(
             [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-    torchrun = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "GROUP_RANK": "0"}
-    torchrun |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "TORCHELASTIC_RUN_ID": "tests"}
+    torchrun = {}  # the variables torchrun sets, where there are several ranks
+    if ranks > 1:
+        torchrun = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "GROUP_RANK": "0"}
+        torchrun |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "TORCHELASTIC_RUN_ID": "tests"}
     processes = []
     for rank in range(ranks):
         out, err = (Path(cwd) / f".run-{os.getpid()}-{rank}.{kind}" for kind in ("out", "err"))
-        extra = torchrun | {"RANK": str(rank), "LOCAL_RANK": str(rank)} if ranks > 1 else {}
-        processes.append({"env": environment | extra, "stdout": str(out), "stderr": str(err)})
+        own = torchrun | {"RANK": str(rank), "LOCAL_RANK": str(rank)} if torchrun else {}
+        processes.append({"env": environment | own, "stdout": str(out), "stderr": str(err)})
     job = {"args": args, "cwd": str(cwd), "processes": processes, "script": str(script or CONSOLE_SCRIPT)}
     _server.stdin.write(json.dumps(job) + "\n")
     _server.stdin.flush()
@@ -376,9 +386,7 @@ def run_command(
         Path(p["stderr"]).unlink()
     stderr = "".join(err if rank == 0 else f"\n--- rank {rank}\n{err}" for rank, (_, err) in enumerate(outputs))
     code = next((c for c in ended if c != 0), 0)
-    result = subprocess.CompletedProcess(args, code, outputs[0][0], stderr)
-    assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return subprocess.CompletedProcess(args, code, outputs[0][0], stderr)
 
 
 def run_python(code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:

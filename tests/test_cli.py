@@ -316,7 +316,11 @@ def test_two_process_fsdp2_gives_the_one_process_loss_curve(tiny_dir, tmp_path, 
         interrupt = {"class_path": "helpers.Interrupt", "init_args": {"step": 3}}
         callbacks = json.dumps([EVERY_STEP_CHECKPOINT, interrupt, monitor])
         interrupted = run_command(
-            ["fit", *two_processes, "--trainer.callbacks", callbacks], tmp_path, False, ranks=2, PYTHONPATH=str(TESTS)
+            ["fit", *two_processes, "--trainer.callbacks", callbacks],
+            tmp_path,
+            check=False,
+            ranks=2,
+            PYTHONPATH=str(TESTS),
         )
         assert interrupted.returncode != 0 and "Detected KeyboardInterrupt" in interrupted.stderr
         assert (tmp_path / "run/version_1/checkpoints/last.ckpt").is_dir()  # sharded: a folder
